@@ -1,0 +1,1 @@
+"""metabench harness: run configs, suites, records, leaderboard."""

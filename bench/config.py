@@ -1,0 +1,69 @@
+"""RunConfig: everything that determines one run, and the hash that names its record."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunConfig:
+    """One run: algorithm x dataset x setting x seed x budget.
+
+    ``steps`` is the training budget in meta-iterations (optimizer steps); each step consumes
+    ``meta_batch`` training episodes. ``hparams`` go to the algorithm's constructor and
+    ``dataset_args`` to the data module's (e.g. ``{"split": "lake"}``).
+    """
+
+    algorithm: str
+    dataset: str = "omniglot"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    train_ways: int | None = None
+    train_shots: int | None = None
+    train_queries: int | None = None
+    meta_batch: int = 32
+    eval_batch: int = 50
+    steps: int = 1000
+    val_every: int = 500
+    val_episodes: int = 100
+    test_episodes: int = 1000
+    seed: int = 0
+    hparams: dict[str, Any] = field(default_factory=dict)
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+    suite: str = "adhoc"
+    accelerator: str = "auto"
+    devices: int = 1
+    threads: int | None = None
+
+    # Fields that do not change what is computed (where and how fast it runs).
+    EXECUTION_FIELDS = ("suite", "accelerator", "devices", "threads")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown run setting(s) {unknown}; known settings: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """Hash of what is computed (not where), so the same run on another machine has the same key."""
+        semantic = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+        return hashlib.sha1(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @property
+    def setting(self) -> str:
+        return f"{self.ways}w{self.shots}s"
+
+    @property
+    def name(self) -> str:
+        split = self.dataset_args.get("split")
+        dataset = f"{self.dataset}-{split}" if split else self.dataset
+        return f"{self.algorithm}-{dataset}-{self.setting}-seed{self.seed}-{self.key()}"

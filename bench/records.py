@@ -1,0 +1,89 @@
+"""Run records: one JSON file per run, written atomically; the single source of every result."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = 1
+REQUIRED = ("schema", "status", "key", "config")
+
+
+class CorruptRecordError(ValueError):
+    """A record file exists but is not a valid record (partial write, edited by hand, ...)."""
+
+
+def write_record(path: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` to ``path`` via a temporary file and an atomic rename.
+
+    Readers never see a half-written file, and concurrent writers of the same path leave one
+    complete record (the last rename wins).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True, allow_nan=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """Load and validate one record; raise :class:`CorruptRecordError` naming the file if invalid."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CorruptRecordError(f"{path}: unreadable record ({error}); delete it to rerun that run") from error
+    missing = [field for field in REQUIRED if field not in record] if isinstance(record, dict) else list(REQUIRED)
+    if missing:
+        raise CorruptRecordError(f"{path}: record lacks {missing}; delete it to rerun that run")
+    return record
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirtiness of the checkout the code runs from (None outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "pytorch-lightning", "torchmetrics", "learn2learn", "wandb"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

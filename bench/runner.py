@@ -1,0 +1,143 @@
+"""One run: build data module and task from a RunConfig, train, test on the fixed episodes, write a record."""
+from __future__ import annotations
+
+import inspect
+import resource
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from bench.config import RunConfig
+from bench.records import SCHEMA, git_state, hardware, now_iso, package_versions, write_record
+from datamodules import datamodule_class
+from datamodules.base import EpisodicDataModule
+from tasks import algorithm_class
+from tasks.base import EpisodicTask
+
+
+class TrainTimer(pl.Callback):
+    """Training wall time with validation excluded, for an honest episodes/s."""
+
+    def __init__(self) -> None:
+        self.fit_seconds = 0.0
+        self.validation_seconds = 0.0
+        self._fit_start = self._val_start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_start
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.validation_seconds += time.perf_counter() - self._val_start
+
+    @property
+    def train_seconds(self) -> float:
+        return max(self.fit_seconds - self.validation_seconds, 1e-9)
+
+
+def build_datamodule(config: RunConfig) -> EpisodicDataModule:
+    return datamodule_class(config.dataset)(
+        ways=config.ways, shots=config.shots, queries=config.queries,
+        train_ways=config.train_ways, train_shots=config.train_shots, train_queries=config.train_queries,
+        meta_batch=config.meta_batch, eval_batch=config.eval_batch,
+        val_episodes=config.val_episodes, test_episodes=config.test_episodes,
+        seed=config.seed, **config.dataset_args,
+    )
+
+
+def build_task(config: RunConfig, datamodule: EpisodicDataModule) -> EpisodicTask:
+    """The algorithm, given the dataset-derived arguments its constructor accepts plus ``hparams``."""
+    task_class = algorithm_class(config.algorithm)
+    accepted = inspect.signature(task_class.__init__).parameters
+    derived = dict(datamodule.task_arguments(), ways=config.ways)
+    arguments = {k: v for k, v in derived.items() if k in accepted}
+    unknown = sorted(set(config.hparams) - set(accepted))
+    if unknown:
+        raise ValueError(f"{config.algorithm} does not take {unknown}; it takes "
+                         f"{sorted(p for p in accepted if p != 'self')}")
+    return task_class(**{**arguments, **config.hparams})
+
+
+def make_trainer(config: RunConfig, callbacks: list[pl.Callback], logger: Any = False,
+                 progress: bool = True) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=config.steps,
+        val_check_interval=min(config.val_every, config.steps) if config.val_episodes else None,
+        limit_val_batches=1.0 if config.val_episodes else 0,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy="ddp" if config.devices > 1 else "auto",
+        inference_mode=False,  # gradient-based learners adapt during evaluation
+        use_distributed_sampler=False,  # the data module shards episodes itself, exactly
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: bool = True) -> dict[str, Any]:
+    """Train and test one configuration; write and return its record (status "ok" or "failed")."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "schema": SCHEMA, "key": config.key(), "name": config.name, "config": config.to_dict(),
+        "seed": config.seed, "git": git_state(), "versions": package_versions(), "created": now_iso(),
+    }
+    path = Path(results_dir) / f"{config.name}.json"
+    try:
+        pl.seed_everything(config.seed, workers=True, verbose=False)
+        datamodule = build_datamodule(config)
+        datamodule.setup("fit")
+        task = build_task(config, datamodule)
+        timer = TrainTimer()
+        trainer = make_trainer(config, [timer], logger=logger, progress=progress)
+        trainer.fit(task, datamodule=datamodule)
+        trainer.test(task, datamodule=datamodule, verbose=False)
+        device = task.device
+        episodes_trained = config.steps * config.meta_batch * trainer.world_size
+        record.update({
+            "status": "ok",
+            "metric": task.score_name,
+            "test": task.test_summary,
+            "train": {"steps": trainer.global_step, "episodes": episodes_trained,
+                      "seconds": timer.train_seconds, "episodes_per_s": episodes_trained / timer.train_seconds,
+                      "final_loss": _metric(trainer, "train/loss")},
+            "hardware": hardware(device),
+            "peak_memory_bytes": peak_memory_bytes(device),
+        })
+        if not trainer.is_global_zero:
+            return record
+    except Exception as error:  # a failed run is recorded with its error, never silently dropped
+        record.update({"status": "failed", "error": f"{type(error).__name__}: {error}",
+                       "traceback": traceback.format_exc()})
+        record["wall_time_s"] = time.perf_counter() - started
+        write_record(path, record)
+        raise
+    record["wall_time_s"] = time.perf_counter() - started
+    write_record(path, record)
+    return record
+
+
+def _metric(trainer: pl.Trainer, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return float(value) if value is not None else None

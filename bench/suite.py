@@ -1,0 +1,70 @@
+"""Suites are data: a YAML file expands into RunConfigs (algorithms x grid of settings).
+
+Format (see ``bench/suites/quick.yaml``)::
+
+    name: quick
+    defaults: {dataset: omniglot, test_episodes: 1000}   # any RunConfig field
+    grid: {ways: [5], shots: [1], seed: [0]}               # cartesian product
+    algorithms:                                           # per-algorithm RunConfig fields
+      protonet: {train_ways: 60, steps: 2000, hparams: {lr: 0.001}}
+    overrides:                                            # optional, applied in order
+      - when: {algorithm: maml, ways: 20}
+        set: {hparams: {inner_lr: 0.1}}
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.config import RunConfig
+
+SUITES_DIR = Path(__file__).parent / "suites"
+
+
+def suite_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = SUITES_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown suite {name_or_path!r}: choose one of {known} or give a YAML path")
+    return candidate
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``; nested dicts (hparams, dataset_args) are merged, not replaced."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def expand_suite(spec: dict[str, Any], algorithms: list[str] | None = None) -> list[RunConfig]:
+    """All runs of a suite spec, optionally restricted to some algorithms."""
+    name = spec.get("name", "adhoc")
+    grid = spec.get("grid", {})
+    chosen = spec["algorithms"]
+    if algorithms:
+        missing = sorted(set(algorithms) - set(chosen))
+        if missing:
+            raise ValueError(f"suite {name!r} has no algorithm(s) {missing}; it has {sorted(chosen)}")
+        chosen = {a: chosen[a] for a in algorithms}
+    runs = []
+    for algorithm, algorithm_fields in chosen.items():
+        for values in itertools.product(*grid.values()):
+            fields = _merge(_merge({"suite": name, **spec.get("defaults", {})}, dict(zip(grid, values))),
+                            {"algorithm": algorithm, **(algorithm_fields or {})})
+            for override in spec.get("overrides", []):
+                if all(fields.get(k) == v for k, v in override["when"].items()):
+                    fields = _merge(fields, override["set"])
+            runs.append(RunConfig.from_dict(fields))
+    return runs
+
+
+def load_suite(name_or_path: str, algorithms: list[str] | None = None) -> list[RunConfig]:
+    spec = yaml.safe_load(suite_path(name_or_path).read_text())
+    return expand_suite(spec, algorithms)

@@ -1,0 +1,181 @@
+"""EpisodicDataModule: the one data path every image dataset shares.
+
+Subclasses only say how to build the uint8 store and which store classes belong to each split. This
+base class checks the request against the split, samples training meta-batches as index tensors
+(seeded from the global seed and the rank), fixes the validation/test episodes from a seed that does
+not depend on the run, and gathers pixels on the device after the batch transfer.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from datamodules.download import DataError
+from datamodules.episodes import Episode, EpisodeSampler, fixed_episodes, seeded_generator
+from datamodules.store import ImageStore
+
+EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}
+
+
+class TrainEpisodes(IterableDataset):
+    """An endless stream of training meta-batches ``{"indices": [tasks, ways, shots+queries]}``."""
+
+    def __init__(self, sampler: EpisodeSampler, tasks: int, seed: int, rank: int) -> None:
+        self.sampler, self.tasks, self.seed, self.rank = sampler, tasks, seed, rank
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        generator = seeded_generator(self.seed, self.rank)
+        ids = torch.full((self.tasks,), -1, dtype=torch.long)
+        while True:
+            yield {"indices": self.sampler.sample(self.tasks, generator), "ids": ids}
+
+
+class FixedEpisodes(Dataset):
+    """Fixed evaluation episodes served in chunks of ``tasks``; a rank sees only its own chunks."""
+
+    def __init__(self, episodes: torch.Tensor, tasks: int, rank: int = 0, world_size: int = 1) -> None:
+        ids = torch.arange(episodes.shape[0])
+        chunks = list(zip(episodes.split(tasks), ids.split(tasks)))
+        self.chunks = chunks[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        indices, ids = self.chunks[index]
+        return {"indices": indices, "ids": ids}
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """N-way K-shot episodes from an :class:`ImageStore`.
+
+    Args:
+        ways, shots, queries: the evaluation setting (queries per class).
+        train_ways, train_shots, train_queries: the training setting (default: the evaluation one;
+            e.g. Prototypical Networks train with more ways than they test on).
+        meta_batch: episodes per training step. eval_batch: episodes per validation/test step.
+        val_episodes, test_episodes: number of fixed evaluation episodes.
+        seed: seeds the training episodes (the evaluation episodes never depend on it).
+    """
+
+    splits = ("train", "val", "test")
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        train_ways: int | None = None,
+        train_shots: int | None = None,
+        train_queries: int | None = None,
+        meta_batch: int = 32,
+        eval_batch: int = 50,
+        val_episodes: int = 100,
+        test_episodes: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.train_ways = train_ways or ways
+        self.train_shots = train_shots or shots
+        self.train_queries = train_queries or queries
+        self.meta_batch, self.eval_batch = meta_batch, eval_batch
+        self.val_episodes, self.test_episodes = val_episodes, test_episodes
+        self.seed = seed
+        self.store: ImageStore | None = None
+        self.samplers: dict[str, EpisodeSampler] = {}
+        self.episodes: dict[str, torch.Tensor] = {}
+        self.rank, self.world_size = 0, 1
+
+    # -- what a dataset provides -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def build_store(self) -> ImageStore:
+        """Decode (or load from cache) every image this dataset uses."""
+        raise NotImplementedError
+
+    def split_classes(self, split: str) -> torch.Tensor:
+        """Store class ids that make up ``split`` ("train", "val" or "test")."""
+        raise NotImplementedError
+
+    def eval_sampler(self, split: str, class_ids: torch.Tensor) -> EpisodeSampler:
+        """The sampler of the fixed evaluation episodes (datasets may restrict it, e.g. alphabets)."""
+        return EpisodeSampler(class_ids, self.store.per_class, self.ways, self.shots, self.queries)
+
+    def task_arguments(self) -> dict:
+        """Constructor arguments an algorithm may take from the data (input channels, image size)."""
+        channels, height, _ = self.store.image_shape
+        return {"in_channels": channels, "image_size": height}
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Device-side transform of gathered images in [0, 1] (identity by default)."""
+        return images
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        if self.store is not None:
+            return
+        for label, value in (("ways", self.ways), ("shots", self.shots), ("queries", self.queries),
+                             ("meta_batch", self.meta_batch), ("eval_batch", self.eval_batch)):
+            if value < 1:
+                raise DataError(f"{label} must be at least 1 (got {value})")
+        self.store = self.build_store()
+        settings = {
+            "train": (self.train_ways, self.train_shots, self.train_queries),
+            "val": (self.ways, self.shots, self.queries),
+            "test": (self.ways, self.shots, self.queries),
+        }
+        for split in self.splits:
+            class_ids = self.split_classes(split)
+            ways, shots, queries = settings[split]
+            self._check_request(split, class_ids, ways, shots, queries)
+            if split == "train":
+                self.samplers[split] = EpisodeSampler(class_ids, self.store.per_class, ways, shots, queries)
+            else:
+                self.samplers[split] = self.eval_sampler(split, class_ids)
+                count = self.val_episodes if split == "val" else self.test_episodes
+                self.episodes[split] = fixed_episodes(self.samplers[split], count, EVAL_SEEDS[split])
+
+    def _check_request(self, split: str, class_ids: torch.Tensor, ways: int, shots: int, queries: int) -> None:
+        per_class = self.store.per_class
+        if shots + queries > per_class:
+            raise DataError(
+                f"{self.name} {split}: shots + queries = {shots} + {queries} = {shots + queries} but each "
+                f"class has only {per_class} images. Lower shots or queries so that shots + queries <= {per_class}."
+            )
+        if ways > class_ids.numel():
+            raise DataError(
+                f"{self.name} {split}: {ways}-way episodes need {ways} classes but the split has "
+                f"{class_ids.numel()}. Use ways <= {class_ids.numel()}."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TrainEpisodes(self.samplers["train"], self.meta_batch, self.seed, self.rank)
+        return DataLoader(dataset, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._fixed_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader("test")
+
+    def _fixed_loader(self, split: str) -> DataLoader:
+        dataset = FixedEpisodes(self.episodes[split], self.eval_batch, self.rank, self.world_size)
+        return DataLoader(dataset, batch_size=None, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> Episode:
+        """Gather the pixels of the episode indices on the device the batch was moved to."""
+        training = bool((batch["ids"] < 0).all())
+        return self.gather(batch["indices"], batch["ids"], self.train_shots if training else self.shots)
+
+    def gather(self, indices: torch.Tensor, ids: torch.Tensor, shots: int) -> Episode:
+        """The :class:`Episode` of flat ``indices`` ``[tasks, ways, shots + queries]``, on their device."""
+        images = self.normalize(self.store.gather(indices))
+        return Episode.from_grouped(images, shots, ids)

@@ -1,0 +1,106 @@
+"""Episodes as indices: the seeded sampler, the fixed evaluation episodes, and the Episode batch.
+
+An N-way K-shot episode with Q queries per class is an integer tensor ``[ways, shots + queries]`` of
+flat store indices (see :mod:`datamodules.store`); a meta-batch stacks ``tasks`` of them. Sampling a
+whole meta-batch is a handful of tensor ops, whatever its size: no Python runs per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Episode:
+    """A meta-batch of episodes on the training device.
+
+    ``support_x``: ``[tasks, ways * shots, ...]``; ``query_x``: ``[tasks, ways * queries, ...]``.
+    Labels are ``0..ways-1`` in support order (class order is already random). ``ids`` are the fixed
+    evaluation-episode ids (``-1`` for training episodes), used to record per-episode results.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    ids: torch.Tensor
+    ways: int
+
+    @property
+    def tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def shots(self) -> int:
+        return self.support_x.shape[1] // self.ways
+
+    @property
+    def queries(self) -> int:
+        return self.query_x.shape[1] // self.ways
+
+    @classmethod
+    def from_grouped(cls, x: torch.Tensor, shots: int, ids: torch.Tensor) -> "Episode":
+        """Split gathered examples ``[tasks, ways, shots + queries, ...]`` into support and query."""
+        tasks, ways, total = x.shape[:3]
+        queries = total - shots
+        feature_shape = x.shape[3:]
+        labels = torch.arange(ways, device=x.device)
+        return cls(
+            support_x=x[:, :, :shots].reshape(tasks, ways * shots, *feature_shape),
+            support_y=labels.repeat_interleave(shots).expand(tasks, -1),
+            query_x=x[:, :, shots:].reshape(tasks, ways * queries, *feature_shape),
+            query_y=labels.repeat_interleave(queries).expand(tasks, -1),
+            ids=ids,
+            ways=ways,
+        )
+
+
+def seeded_generator(*seeds: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (e.g. global seed and rank), stably."""
+    value = 0x9E3779B97F4A7C15
+    for seed in seeds:
+        value = (value ^ (int(seed) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
+    generator = torch.Generator()
+    generator.manual_seed(value)
+    return generator
+
+
+class EpisodeSampler:
+    """Samples meta-batches of N-way episodes as flat store indices.
+
+    ``class_ids`` are the store classes this split may use; ``per_class`` is the number of examples of
+    every class in the store. Classes in an episode are distinct; examples within a class are
+    distinct (drawn without replacement).
+    """
+
+    def __init__(self, class_ids: torch.Tensor, per_class: int, ways: int, shots: int, queries: int) -> None:
+        self.class_ids = class_ids.long()
+        self.per_class = per_class
+        self.ways = ways
+        self.shots = shots
+        self.queries = queries
+
+    @property
+    def examples_per_class(self) -> int:
+        return self.shots + self.queries
+
+    def sample(self, tasks: int, generator: torch.Generator) -> torch.Tensor:
+        """Flat indices ``[tasks, ways, shots + queries]`` for ``tasks`` episodes."""
+        num_classes = self.class_ids.numel()
+        class_scores = torch.rand(tasks, num_classes, generator=generator)
+        chosen = class_scores.topk(self.ways, dim=1, sorted=False).indices
+        classes = self.class_ids[chosen]
+        example_scores = torch.rand(tasks, self.ways, self.per_class, generator=generator)
+        examples = example_scores.topk(self.examples_per_class, dim=2, sorted=False).indices
+        return classes.unsqueeze(-1) * self.per_class + examples
+
+
+def fixed_episodes(sampler: EpisodeSampler, count: int, seed: int) -> torch.Tensor:
+    """``count`` evaluation episodes ``[count, ways, shots + queries]``, a pure function of (seed, count, ways, shots, queries).
+
+    Sampled in chunks of a fixed size, so the episodes do not depend on any batch size used later.
+    """
+    generator = seeded_generator(seed, sampler.ways, sampler.shots, sampler.queries)
+    chunks = [sampler.sample(min(256, count - start), generator) for start in range(0, count, 256)]
+    return torch.cat(chunks) if chunks else torch.empty(0, sampler.ways, sampler.examples_per_class, dtype=torch.long)

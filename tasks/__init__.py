@@ -1,0 +1,19 @@
+"""Meta-learning algorithms, one LightningModule each, all on :class:`tasks.base.EpisodicTask`."""
+from __future__ import annotations
+
+from tasks.base import EpisodicTask
+from tasks.maml import MAML
+from tasks.protonet import ProtoNet
+
+ALGORITHMS: dict[str, type[EpisodicTask]] = {
+    "protonet": ProtoNet,
+    "maml": MAML,
+}
+
+
+def algorithm_class(name: str) -> type[EpisodicTask]:
+    """The task class registered as ``name``; an unknown name lists the known ones."""
+    try:
+        return ALGORITHMS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(sorted(ALGORITHMS))}") from None

@@ -1,0 +1,65 @@
+"""Functional inner-loop adaptation shared by MAML, FOMAML, Meta-SGD and ANIL.
+
+Parameters are a ``{name: tensor}`` dict evaluated through :func:`torch.func.functional_call`, so the
+adapted parameters of each task are ordinary tensors in the outer autograd graph: backpropagating
+the query loss through them gives the exact second-order meta-gradient (Finn et al. 2017), and
+detaching the inner gradients gives first-order MAML. The same per-task function runs in a Python
+loop over the tasks of a meta-batch or under :func:`torch.func.vmap`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+Params = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def adapt(
+    model: nn.Module,
+    fast: Params,
+    frozen: Params,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    steps: int,
+    step_size: float | Mapping[str, torch.Tensor],
+    first_order: bool,
+) -> Params:
+    """Take ``steps`` gradient steps on ``fast`` (the adapted parameters) for one task.
+
+    ``frozen`` parameters take part in the forward pass but are not adapted (ANIL's body).
+    ``step_size`` is a scalar, or one tensor per fast parameter (Meta-SGD's learned rates).
+    With ``first_order`` the inner gradients are computed off the outer graph (FOMAML).
+    """
+
+    def support_loss(adapted: Params) -> torch.Tensor:
+        return loss_fn(functional_call(model, {**frozen, **adapted}, (inputs,)), targets)
+
+    for _ in range(steps):
+        if first_order:
+            gradients = grad(support_loss)({name: value.detach() for name, value in fast.items()})
+        else:
+            gradients = grad(support_loss)(fast)
+        fast = {
+            name: value - (step_size[name] if isinstance(step_size, Mapping) else step_size) * gradients[name]
+            for name, value in fast.items()
+        }
+    return fast
+
+
+def per_task(function: Callable[..., torch.Tensor], vectorize: bool) -> Callable[..., torch.Tensor]:
+    """Apply ``function(*task_tensors)`` to every task of a meta-batch: vmapped, or in a loop.
+
+    All arguments are batched along dimension 0; the per-task outputs are stacked.
+    """
+    if vectorize:
+        return vmap(function, randomness="same")
+
+    def looped(*batched: torch.Tensor) -> torch.Tensor:
+        return torch.stack([function(*task) for task in zip(*batched)])
+
+    return looped

@@ -1,0 +1,53 @@
+"""Prototypical Networks (Snell, Swersky & Zemel 2017, "Prototypical Networks for Few-shot Learning").
+
+Each class is represented by the mean embedding (prototype) of its support examples; a query is
+classified by a softmax over negative squared Euclidean distances to the prototypes. Defaults follow
+the paper's Omniglot setting: Conv-4 with 64 filters, Adam at 1e-3 halved every 2000 episodes.
+"""
+from __future__ import annotations
+
+import torch
+
+from datamodules.episodes import Episode
+from tasks.backbones import Conv4
+from tasks.base import EpisodicTask
+
+
+def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """Class means ``[tasks, ways, dim]`` of support embeddings ``[tasks, n, dim]``."""
+    one_hot = torch.nn.functional.one_hot(labels, ways).to(support.dtype)  # [tasks, n, ways]
+    return one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)
+
+
+def squared_distances(queries: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``||q - c||^2`` for every query and centre: ``[tasks, n, dim] x [tasks, ways, dim] -> [tasks, n, ways]``."""
+    return (queries.pow(2).sum(-1, keepdim=True) - 2 * queries @ centres.transpose(1, 2)
+            + centres.pow(2).sum(-1).unsqueeze(1)).clamp_min(0)
+
+
+class ProtoNet(EpisodicTask):
+    """Prototypical Networks on a Conv-4 embedding (see module docstring)."""
+
+    def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
+                 lr: float = 1e-3, lr_decay_every: int = 2000, lr_decay: float = 0.5) -> None:
+        super().__init__(ways=ways, lr=lr, lr_decay_every=lr_decay_every, lr_decay=lr_decay)
+        self.save_hyperparameters()
+        self.encoder = Conv4(in_channels, hidden, image_size)
+
+    def embed(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of support and query sets in one forward pass (one BatchNorm batch)."""
+        tasks, n_support = episode.support_x.shape[:2]
+        images = torch.cat([episode.support_x, episode.query_x], dim=1).flatten(0, 1)
+        features = self.encoder(images).view(tasks, -1, self.encoder.output_dim)
+        return features[:, :n_support], features[:, n_support:]
+
+    def logits(self, episode: Episode) -> torch.Tensor:
+        support, queries = self.embed(episode)
+        return -squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+
+    def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(episode)
+        return self.loss_fn(logits.flatten(0, 1), episode.query_y.flatten()), logits
+
+    def predict(self, episode: Episode) -> torch.Tensor:
+        return self.logits(episode)
