@@ -44,6 +44,16 @@ class TrainTimer(pl.Callback):
         return max(self.fit_seconds - self.validation_seconds, 1e-9)
 
 
+class ValidationLine(pl.Callback):
+    """One line per validation when progress bars are off (logs, CI, background runs)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+        print(f"[metabench] step {trainer.global_step}: {shown}", flush=True)
+
+
 def build_datamodule(config: RunConfig) -> EpisodicDataModule:
     return datamodule_class(config.dataset)(
         ways=config.ways, shots=config.shots, queries=config.queries,
@@ -110,7 +120,8 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
         datamodule.setup("fit")
         task = build_task(config, datamodule)
         timer = TrainTimer()
-        trainer = make_trainer(config, [timer], logger=logger, progress=progress)
+        callbacks: list[pl.Callback] = [timer] if progress else [timer, ValidationLine()]
+        trainer = make_trainer(config, callbacks, logger=logger, progress=progress)
         trainer.fit(task, datamodule=datamodule)
         trainer.test(task, datamodule=datamodule, verbose=False)
         device = task.device
