@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from datamodules.batches import LabelledBatch, TrainBatches, check_train_mode
 from datamodules.download import DataError
 from datamodules.episodes import Episode, EpisodeSampler, fixed_episodes, seeded_generator
 from datamodules.store import ImageStore
@@ -59,6 +60,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         meta_batch: episodes per training step. eval_batch: episodes per validation/test step.
         val_episodes, test_episodes: number of fixed evaluation episodes.
         seed: seeds the training episodes (the evaluation episodes never depend on it).
+        train_mode: ``"episodes"``, or ``"batches"``: ordinary mini-batches of ``batch_size`` images over
+            all training classes (supervised pre-training, see :mod:`datamodules.batches`).
     """
 
     splits = ("train", "val", "test")
@@ -76,6 +79,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         val_episodes: int = 100,
         test_episodes: int = 1000,
         seed: int = 0,
+        train_mode: str = "episodes",
+        batch_size: int = 16,
     ) -> None:
         super().__init__()
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -85,6 +90,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.meta_batch, self.eval_batch = meta_batch, eval_batch
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.seed = seed
+        check_train_mode(train_mode)
+        self.train_mode, self.batch_size = train_mode, batch_size
         self.store: ImageStore | None = None
         self.samplers: dict[str, EpisodeSampler] = {}
         self.episodes: dict[str, torch.Tensor] = {}
@@ -108,9 +115,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         return EpisodeSampler(class_ids, self.store.per_class, self.ways, self.shots, self.queries)
 
     def task_arguments(self) -> dict:
-        """Constructor arguments an algorithm may take from the data (input channels, image size)."""
+        """Constructor arguments an algorithm may take from the data (input channels, image size, number of training classes)."""
         channels, height, _ = self.store.image_shape
-        return {"in_channels": channels, "image_size": height}
+        return {"in_channels": channels, "image_size": height,
+                "train_classes": self.samplers["train"].class_ids.numel()}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Device-side transform of gathered images in [0, 1] (identity by default)."""
@@ -157,6 +165,10 @@ class EpisodicDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_mode == "batches":
+            train = self.samplers["train"]
+            return DataLoader(TrainBatches(train.class_ids, train.per_class, self.batch_size, self.seed, self.rank),
+                              batch_size=None)
         dataset = TrainEpisodes(self.samplers["train"], self.meta_batch, self.seed, self.rank)
         return DataLoader(dataset, batch_size=None)
 
@@ -170,8 +182,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         dataset = FixedEpisodes(self.episodes[split], self.eval_batch, self.rank, self.world_size)
         return DataLoader(dataset, batch_size=None, shuffle=False)
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> Episode:
-        """Gather the pixels of the episode indices on the device the batch was moved to."""
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> Episode | LabelledBatch:
+        """Gather the pixels of the episode (or supervised batch) indices on the device the batch was moved to."""
+        if "labels" in batch:
+            return LabelledBatch(self.normalize(self.store.gather(batch["indices"])), batch["labels"])
         training = bool((batch["ids"] < 0).all())
         return self.gather(batch["indices"], batch["ids"], self.train_shots if training else self.shots)
 

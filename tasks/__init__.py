@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 from tasks.base import EpisodicTask
+from tasks.baseline import Baseline, BaselinePlusPlus
 from tasks.maml import MAML
+from tasks.matching import MatchingNet
 from tasks.protonet import ProtoNet
+from tasks.relation import RelationNet
+from tasks.siamese import Siamese
 
 ALGORITHMS: dict[str, type[EpisodicTask]] = {
     "protonet": ProtoNet,
     "maml": MAML,
+    "matching": MatchingNet,
+    "relation": RelationNet,
+    "siamese": Siamese,
+    "baseline": Baseline,
+    "baselinepp": BaselinePlusPlus,
 }
 
 
