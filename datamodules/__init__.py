@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from datamodules.base import EpisodicDataModule
 from datamodules.download import DataError
+from datamodules.miniimagenet import MiniImageNetDataModule
 from datamodules.omniglot import OmniglotDataModule
 
 DATASETS: dict[str, type[EpisodicDataModule]] = {
     "omniglot": OmniglotDataModule,
+    "miniimagenet": MiniImageNetDataModule,
 }
 
 

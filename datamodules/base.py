@@ -124,6 +124,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         """Device-side transform of gathered images in [0, 1] (identity by default)."""
         return images
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """Device-side random augmentation of gathered training images in [0, 1], before ``normalize`` (none by default)."""
+        return images
+
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -187,9 +191,14 @@ class EpisodicDataModule(pl.LightningDataModule):
         if "labels" in batch:
             return LabelledBatch(self.normalize(self.store.gather(batch["indices"])), batch["labels"])
         training = bool((batch["ids"] < 0).all())
-        return self.gather(batch["indices"], batch["ids"], self.train_shots if training else self.shots)
+        return self.gather(batch["indices"], batch["ids"], self.train_shots if training else self.shots, training)
 
-    def gather(self, indices: torch.Tensor, ids: torch.Tensor, shots: int) -> Episode:
-        """The :class:`Episode` of flat ``indices`` ``[tasks, ways, shots + queries]``, on their device."""
-        images = self.normalize(self.store.gather(indices))
-        return Episode.from_grouped(images, shots, ids)
+    def gather(self, indices: torch.Tensor, ids: torch.Tensor, shots: int, training: bool = False) -> Episode:
+        """The :class:`Episode` of flat ``indices`` ``[tasks, ways, shots + queries]``, on their device.
+
+        Training episodes are augmented (see :meth:`augment`); evaluation episodes never are.
+        """
+        images = self.store.gather(indices)
+        if training:
+            images = self.augment(images)
+        return Episode.from_grouped(self.normalize(images), shots, ids)

@@ -87,13 +87,54 @@ class EpisodeSampler:
 
     def sample(self, tasks: int, generator: torch.Generator) -> torch.Tensor:
         """Flat indices ``[tasks, ways, shots + queries]`` for ``tasks`` episodes."""
-        num_classes = self.class_ids.numel()
-        class_scores = torch.rand(tasks, num_classes, generator=generator)
+        return self.sample_examples(self.sample_classes(tasks, generator), generator)
+
+    def sample_classes(self, tasks: int, generator: torch.Generator) -> torch.Tensor:
+        """Store class ids ``[tasks, ways]``, distinct within each episode."""
+        class_scores = torch.rand(tasks, self.class_ids.numel(), generator=generator)
         chosen = class_scores.topk(self.ways, dim=1, sorted=False).indices
-        classes = self.class_ids[chosen]
-        example_scores = torch.rand(tasks, self.ways, self.per_class, generator=generator)
+        return self.class_ids[chosen]
+
+    def sample_examples(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Flat indices ``[tasks, ways, shots + queries]``: distinct examples of each class in ``classes``."""
+        example_scores = torch.rand(*classes.shape, self.per_class, generator=generator)
         examples = example_scores.topk(self.examples_per_class, dim=2, sorted=False).indices
         return classes.unsqueeze(-1) * self.per_class + examples
+
+
+class GroupedEpisodeSampler(EpisodeSampler):
+    """Episodes whose classes all come from one group, e.g. one Omniglot alphabet.
+
+    This is the one-shot task of Lake et al. 2015 ("Human-level concept learning through
+    probabilistic program induction"): 20-way 1-shot episodes, all 20 characters from one
+    evaluation alphabet. Per episode a group is drawn uniformly among the groups with at least
+    ``ways`` classes, then ``ways`` distinct classes of that group; both in one batched step.
+    """
+
+    def __init__(self, class_ids: torch.Tensor, groups: torch.Tensor, per_class: int, ways: int, shots: int,
+                 queries: int) -> None:
+        super().__init__(class_ids, per_class, ways, shots, queries)
+        if groups.shape != self.class_ids.shape:
+            raise ValueError("one group id per class is required")
+        group_ids, group_of_class, counts = groups.unique(return_inverse=True, return_counts=True)
+        eligible = torch.nonzero(counts >= ways).flatten()
+        if eligible.numel() == 0:
+            raise ValueError(f"no group has {ways} classes (largest has {int(counts.max())}); lower ways")
+        # table[g, j]: the j-th class of group g (padded with -1); positions >= counts[g] are invalid.
+        order = torch.argsort(group_of_class, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        column = torch.arange(order.numel()) - starts[group_of_class[order]]
+        table = torch.full((group_ids.numel(), int(counts.max())), -1, dtype=torch.long)
+        table[group_of_class[order], column] = self.class_ids[order]
+        self.table, self.counts, self.eligible = table, counts, eligible
+
+    def sample_classes(self, tasks: int, generator: torch.Generator) -> torch.Tensor:
+        pick = torch.randint(self.eligible.numel(), (tasks,), generator=generator)
+        group = self.eligible[pick]
+        scores = torch.rand(tasks, self.table.shape[1], generator=generator)
+        valid = torch.arange(self.table.shape[1]) < self.counts[group].unsqueeze(1)
+        chosen = scores.masked_fill(~valid, -1.0).topk(self.ways, dim=1, sorted=False).indices
+        return self.table[group.unsqueeze(1), chosen]
 
 
 def fixed_episodes(sampler: EpisodeSampler, count: int, seed: int) -> torch.Tensor:

@@ -10,7 +10,10 @@ Two splits:
 * ``"lake"`` -- the original background (30 alphabets, 964 characters) for training and evaluation
   (20 alphabets, 659 characters) for testing, no rotations. There is no separate validation set in
   this protocol: validation episodes are drawn from the evaluation alphabets with their own seed and
-  are for monitoring only (no model selection is done on them).
+  are for monitoring only (no model selection is done on them). With ``within_alphabet=True`` every
+  validation/test episode takes all its classes from one evaluation alphabet, as in the original
+  20-way 1-shot task of Lake et al. 2015 (use ``ways=20, shots=1, queries=1``); externally given
+  runs in that task's format are scored by :mod:`datamodules.lake_runs`.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import torch
 from PIL import Image
 
 from datamodules.base import EpisodicDataModule
+from datamodules.episodes import EpisodeSampler, GroupedEpisodeSampler
 from datamodules.download import DataError, RemoteFile, cache_root, data_root, locate_or_fetch
-from datamodules.store import ImageStore, cached_store, require
+from datamodules.store import ImageStore, cached_store, file_fingerprint, require
 
 UPSTREAM = "https://github.com/brendenlake/omniglot/raw/master/python"
 ARCHIVES = {
@@ -110,24 +114,41 @@ def _source_key() -> dict:
     key = {}
     for part in ARCHIVES:
         archive, folder = root / f"{part}.zip", root / part
-        source = archive if archive.exists() else folder
-        key[part] = [str(source), source.stat().st_size if source.exists() else None,
-                     source.stat().st_mtime_ns if source.exists() else None]
+        key[part] = file_fingerprint(archive if archive.exists() else folder)
     return key
 
 
 class OmniglotDataModule(EpisodicDataModule):
-    """N-way K-shot Omniglot episodes; ``split`` is ``"vinyals"`` or ``"lake"`` (see module doc)."""
+    """N-way K-shot Omniglot episodes; ``split`` is ``"vinyals"`` or ``"lake"`` (see module doc).
 
-    def __init__(self, split: str = "vinyals", image_size: int = 28, download: bool = True, **episode_args) -> None:
+    ``within_alphabet`` (Lake split only): evaluation episodes draw all classes from one alphabet.
+    """
+
+    def __init__(self, split: str = "vinyals", image_size: int = 28, download: bool = True,
+                 within_alphabet: bool = False, **episode_args) -> None:
         if split not in ("vinyals", "lake"):
             raise DataError(f"unknown Omniglot split {split!r}: use 'vinyals' or 'lake'")
+        if within_alphabet and split != "lake":
+            raise DataError("within_alphabet=True is the Lake et al. 2015 protocol: use it with split='lake'")
         super().__init__(**episode_args)
         self.split, self.image_size, self.download = split, image_size, download
+        self.within_alphabet = within_alphabet
 
     @property
     def name(self) -> str:
-        return f"omniglot-{self.split}"
+        return f"omniglot-{self.split}{'-within-alphabet' if self.within_alphabet else ''}"
+
+    def eval_sampler(self, split: str, class_ids: torch.Tensor) -> EpisodeSampler:
+        if not self.within_alphabet:
+            return super().eval_sampler(split, class_ids)
+        alphabet_names = [self.store.class_names[c].split("/")[0] for c in class_ids.tolist()]
+        alphabet_index = {name: i for i, name in enumerate(sorted(set(alphabet_names)))}
+        alphabets = torch.tensor([alphabet_index[name] for name in alphabet_names])
+        largest = int(alphabets.bincount().max())
+        if self.ways > largest:
+            raise DataError(f"{self.name} {split}: {self.ways}-way episodes within one alphabet need an alphabet "
+                            f"with {self.ways} characters; the largest has {largest}. Use ways <= {largest}.")
+        return GroupedEpisodeSampler(class_ids, alphabets, self.store.per_class, self.ways, self.shots, self.queries)
 
     def build_store(self) -> ImageStore:
         base = cached_store(f"omniglot{self.image_size}", {"size": self.image_size, "source": _source_key()},

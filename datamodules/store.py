@@ -99,6 +99,14 @@ def cached_store(name: str, key: dict, build: Callable[[], ImageStore], cache_di
     return store
 
 
+def file_fingerprint(path: Path) -> list:
+    """``[path, size, mtime_ns]`` of a source file or folder (``None`` for an absent one), for cache keys."""
+    if not path.exists():
+        return [str(path), None, None]
+    status = path.stat()
+    return [str(path), status.st_size, status.st_mtime_ns]
+
+
 def require(condition: bool, message: str) -> None:
     """Raise a :class:`DataError` with ``message`` unless ``condition`` holds."""
     if not condition:
