@@ -5,9 +5,12 @@ from datamodules.base import EpisodicDataModule
 from datamodules.download import DataError
 from datamodules.miniimagenet import MiniImageNetDataModule
 from datamodules.omniglot import OmniglotDataModule
+from datamodules.sinusoid import LinearRegressionDataModule, SinusoidDataModule
 
 DATASETS: dict[str, type[EpisodicDataModule]] = {
     "omniglot": OmniglotDataModule,
+    "sinusoid": SinusoidDataModule,
+    "linear": LinearRegressionDataModule,
     "miniimagenet": MiniImageNetDataModule,
 }
 

@@ -4,7 +4,11 @@ Learns an initialisation from which a few gradient steps on a task's support set
 The meta-gradient flows through the inner updates (second order) unless ``first_order`` is set
 (FOMAML, same paper, Sec. 5.2). Defaults are the paper's 5-way Omniglot setting: Conv-4 with 64
 filters, one inner step of size 0.4 during training, three at test time, Adam meta-optimiser at 1e-3.
-BatchNorm uses batch statistics at all times, as in the reference implementation.
+BatchNorm uses batch statistics at all times, as in the reference implementation. On a regression
+data set (``problem="regression"``) the network is the paper's sinusoid MLP (:mod:`tasks.regression`).
+
+FOMAML, Meta-SGD and ANIL are subclasses that change one hook each: ``first_order``,
+:meth:`MAML.step_size` and :meth:`MAML.split_parameters` / :meth:`MAML.task_query_outputs`.
 """
 from __future__ import annotations
 
@@ -14,7 +18,18 @@ from datamodules.episodes import Episode
 from tasks.backbones import Classifier, Conv4
 from tasks.base import EpisodicTask
 from tasks.inner_loop import Params, adapt, per_task
+from tasks.regression import regression_network
 from torch.func import functional_call
+
+
+def learner_network(problem: str, ways: int, in_channels: int, image_size: int, hidden: int,
+                    in_features: int) -> torch.nn.Module:
+    """The network gradient-based learners adapt: a Conv-4 classifier (BatchNorm on batch statistics),
+    or for regression MAML's MLP with ``hidden`` units per layer; both are ``backbone`` + ``head``."""
+    if problem == "regression":
+        return regression_network(in_features, hidden)
+    backbone = Conv4(in_channels, hidden, image_size, track_running_stats=False)
+    return Classifier(backbone, backbone.output_dim, ways)
 
 
 class MAML(EpisodicTask):
@@ -24,10 +39,11 @@ class MAML(EpisodicTask):
         inner_lr: inner-loop step size alpha. inner_steps / test_inner_steps: adaptation steps during
             meta-training / evaluation. first_order: drop second-order terms (FOMAML).
         vectorize: run the tasks of a meta-batch under ``torch.func.vmap`` instead of a loop.
+        hidden: Conv-4 filters, or the regression MLP's width. in_features: regression input size.
     """
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
-                 problem: str = "classification", lr: float = 1e-3, inner_lr: float = 0.4,
+                 in_features: int = 1, problem: str = "classification", lr: float = 1e-3, inner_lr: float = 0.4,
                  inner_steps: int = 1, test_inner_steps: int = 3, first_order: bool = False,
                  vectorize: bool = False, lr_decay_every: int = 0, lr_decay: float = 0.5) -> None:
         super().__init__(ways=ways, problem=problem, lr=lr, lr_decay_every=lr_decay_every, lr_decay=lr_decay)
@@ -38,8 +54,7 @@ class MAML(EpisodicTask):
 
     def build_network(self) -> torch.nn.Module:
         hp = self.hparams
-        backbone = Conv4(hp.in_channels, hp.hidden, hp.image_size, track_running_stats=False)
-        return Classifier(backbone, backbone.output_dim, hp.ways)
+        return learner_network(self.problem, hp.ways, hp.in_channels, hp.image_size, hp.hidden, hp.in_features)
 
     # -- what MAML-family variants change ----------------------------------------------------
     def split_parameters(self) -> tuple[Params, Params]:
@@ -60,14 +75,19 @@ class MAML(EpisodicTask):
         step_size = self.step_size()
         if not keep_graph:
             fast, frozen = _detached(fast), _detached(frozen)
-            step_size = step_size if isinstance(step_size, float) else _detached(step_size)
+            step_size = _detached(step_size) if isinstance(step_size, dict) else step_size
 
         def one_task(support_x, support_y, query_x):
-            adapted = adapt(self.network, fast, frozen, support_x, support_y, self.loss_fn,
-                            steps, step_size, first_order)
-            return functional_call(self.network, {**frozen, **adapted}, (query_x,))
+            return self.task_query_outputs(fast, frozen, step_size, support_x, support_y, query_x, steps, first_order)
 
         return per_task(one_task, self.vectorize)(episode.support_x, episode.support_y, episode.query_x)
+
+    def task_query_outputs(self, fast: Params, frozen: Params, step_size: float | dict[str, torch.Tensor],
+                           support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                           steps: int, first_order: bool) -> torch.Tensor:
+        """One task: adapt ``fast`` on its support set, return the outputs on its query set."""
+        adapted = adapt(self.network, fast, frozen, support_x, support_y, self.loss_fn, steps, step_size, first_order)
+        return functional_call(self.network, {**frozen, **adapted}, (query_x,))
 
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = self.adapted_query_outputs(episode, self.inner_steps, self.first_order)
