@@ -10,7 +10,8 @@ import torch
 from bench.config import RunConfig
 from bench.runner import run
 from datamodules.batches import LabelledBatch
-from tasks.baseline import Baseline, BaselinePlusPlus, cosine_logits
+from datamodules.episodes import seeded_generator
+from tasks.baseline import FINETUNE_SEED, Baseline, BaselinePlusPlus, cosine_logits
 from tasks.matching import MatchingNet, cosine_attention
 from tasks.relation import RelationNet
 from tasks.siamese import Siamese, balanced_mean, contrastive_loss, nearest_support_scores
@@ -143,7 +144,7 @@ def test_baseline_rejects_episodes_and_needs_train_classes(episodes):
 @pytest.mark.parametrize("task_class", [Baseline, BaselinePlusPlus])
 def test_baseline_pretrains_on_batches_and_fits_support_at_test_time(task_class, episodes):
     _, test = episodes
-    task = small(task_class, train_classes=7, finetune_steps=30)
+    task = small(task_class, train_classes=7, finetune_epochs=10)
     batch = LabelledBatch(torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 6]))
     loss, logits = task.training_loss(batch)
     assert logits.shape == (1, 6, 7) and torch.isfinite(loss)
@@ -153,7 +154,8 @@ def test_baseline_pretrains_on_batches_and_fits_support_at_test_time(task_class,
     with torch.no_grad():
         support = task.backbone(test.support_x.flatten(0, 1)).view(test.tasks, 5, -1)
         outputs = task.predict(test)
-        before = task.initial_classifiers(test.ids, 5, support.shape[-1], support)
+        generators = [seeded_generator(FINETUNE_SEED, int(i)) for i in test.ids.tolist()]
+        before = task.initial_classifiers(generators, 5, support.shape[-1], support)
         fitted = task.fit_classifiers(support, test.support_y, test.ids, 5)
     assert outputs.shape == (test.tasks, 75, 5)
 
