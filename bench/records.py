@@ -87,3 +87,40 @@ def hardware(device: torch.device) -> dict[str, Any]:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_key_from_filename(path: Path) -> str | None:
+    """The run key a record file is named by (``<name>-<key>.json``), or None for foreign names."""
+    stem = Path(path).stem
+    key = stem.rsplit("-", 1)[-1]
+    return key if len(key) == 12 and all(c in "0123456789abcdef" for c in key) else None
+
+
+def scan_records(directory: Path) -> tuple[dict[str, tuple[Path, dict[str, Any]]], list[str]]:
+    """Every valid record in ``directory`` by run key, and a list of problems (never silently dropped).
+
+    Problems are corrupt or partial files, records whose file name and key disagree, and two files
+    holding the same key. Temporary files of writes in progress (``.name.json.XXXX.tmp``) are ignored.
+    """
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    problems: list[str] = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return found, problems
+    for path in sorted(directory.glob("*.json")):
+        try:
+            record = read_record(path)
+        except CorruptRecordError as error:
+            problems.append(str(error))
+            continue
+        named = record_key_from_filename(path)
+        if named is not None and named != record["key"]:
+            problems.append(f"{path}: file name says key {named} but the record has key {record['key']}; "
+                            "rename or delete it")
+            continue
+        if record["key"] in found:
+            problems.append(f"{path}: duplicate of {found[record['key']][0]} (same run key {record['key']}); "
+                            "delete one of them")
+            continue
+        found[record["key"]] = (path, record)
+    return found, problems

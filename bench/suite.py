@@ -3,6 +3,7 @@
 Format (see ``bench/suites/quick.yaml``)::
 
     name: quick
+    description: one line shown in listings                # optional
     defaults: {dataset: omniglot, test_episodes: 1000}   # any RunConfig field
     grid: {ways: [5], shots: [1], seed: [0]}               # cartesian product
     algorithms:                                           # per-algorithm RunConfig fields
@@ -22,6 +23,7 @@ import yaml
 from bench.config import RunConfig
 
 SUITES_DIR = Path(__file__).parent / "suites"
+SPEC_KEYS = ("name", "description", "defaults", "grid", "algorithms", "overrides")
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -43,9 +45,37 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def check_spec(spec: Any, source: str) -> None:
+    """One clear error for a malformed suite file."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("algorithms"), dict) or not spec["algorithms"]:
+        raise ValueError(f"{source}: a suite is a mapping with a non-empty 'algorithms' mapping (see bench/suite.py)")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown suite key(s) {unknown}; a suite has {list(SPEC_KEYS)}")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"{source}: 'grid' maps run settings to non-empty lists, e.g. grid: {{shots: [1, 5]}}")
+    for override in spec.get("overrides") or []:
+        if not isinstance(override, dict) or set(override) != {"when", "set"}:
+            raise ValueError(f"{source}: each override is {{when: {{...}}, set: {{...}}}}, got {override!r}")
+
+
+def check_registered(configs: list[RunConfig], source: str) -> None:
+    """Fail before any run starts if a suite names an algorithm or dataset that does not exist."""
+    from datamodules import DATASETS
+    from tasks import ALGORITHMS
+
+    for kind, known, used in (("algorithm", ALGORITHMS, {c.algorithm for c in configs}),
+                              ("dataset", DATASETS, {c.dataset for c in configs})):
+        missing = sorted(u for u in used if u.lower() not in known)
+        if missing:
+            raise ValueError(f"{source}: unknown {kind}(s) {missing}; known: {', '.join(sorted(known))}")
+
+
 def expand_suite(spec: dict[str, Any], algorithms: list[str] | None = None) -> list[RunConfig]:
     """All runs of a suite spec, optionally restricted to some algorithms."""
     name = spec.get("name", "adhoc")
+    check_spec(spec, f"suite {name!r}")
     grid = spec.get("grid", {})
     chosen = spec["algorithms"]
     if algorithms:
@@ -66,5 +96,10 @@ def expand_suite(spec: dict[str, Any], algorithms: list[str] | None = None) -> l
 
 
 def load_suite(name_or_path: str, algorithms: list[str] | None = None) -> list[RunConfig]:
-    spec = yaml.safe_load(suite_path(name_or_path).read_text())
-    return expand_suite(spec, algorithms)
+    """The runs of a suite file, checked against the algorithm and dataset registries."""
+    path = suite_path(name_or_path)
+    spec = yaml.safe_load(path.read_text())
+    check_spec(spec, str(path))
+    configs = expand_suite(spec, algorithms)
+    check_registered(configs, str(path))
+    return configs

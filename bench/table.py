@@ -4,6 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def format_duration(seconds: float) -> str:
+    """``12m05s`` or ``3h07m``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def format_score(record: dict[str, Any]) -> str:
     test = record.get("test") or {}
     if record.get("status") != "ok" or not test:
