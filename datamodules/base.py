@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.batches import LabelledBatch, TrainBatches, check_train_mode
 from datamodules.download import DataError
@@ -34,16 +34,22 @@ class TrainEpisodes(IterableDataset):
             yield {"indices": self.sampler.sample(self.tasks, generator), "ids": ids}
 
 
-class FixedEpisodes(Dataset):
-    """Fixed evaluation episodes served in chunks of ``tasks``; a rank sees only its own chunks."""
+class FixedEpisodes(IterableDataset):
+    """Fixed evaluation episodes served in chunks of ``tasks``; a rank sees only its own chunks (``rank::world_size``).
+
+    Iterable and without a length on purpose: Lightning then never adds a DistributedSampler (which
+    would shard the chunks a second time, whatever the Trainer's ``use_distributed_sampler``), and a
+    rank left without a chunk (fewer chunks than ranks) still reaches the epoch end, where the scores
+    of all ranks are gathered, instead of failing Lightning's zero-length check.
+    """
 
     def __init__(self, episodes: torch.Tensor, tasks: int, rank: int = 0, world_size: int = 1) -> None:
         ids = torch.arange(episodes.shape[0])
         chunks = list(zip(episodes.split(tasks), ids.split(tasks)))
         self.chunks = chunks[rank::world_size]
 
-    def __len__(self) -> int:
-        return len(self.chunks)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self[index] for index in range(len(self.chunks)))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         indices, ids = self.chunks[index]
