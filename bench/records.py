@@ -77,8 +77,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str | None:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def hardware(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -1,0 +1,229 @@
+"""The leaderboard: a pure function of the run records (plus the published numbers in papers.yaml).
+
+Records are grouped into tables by evaluation protocol (dataset and its arguments, ways, shots,
+queries, number of test episodes): within a table every run was tested on the identical fixed
+episodes, so each entry is compared with the table's best entry episode by episode
+(:mod:`bench.stats`). :func:`build_leaderboard` writes README.md, leaderboard.csv,
+leaderboard.html and plots/*.png; corrupt or partial records and failed runs are listed, never
+dropped silently.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.records import scan_records
+from bench.stats import compare_paired, episode_scores
+
+PAPERS = Path(__file__).resolve().parent.parent / "leaderboard" / "papers.yaml"
+
+
+@dataclass
+class PaperNumber:
+    value: float  # in the unit shown (accuracy in percent)
+    cite: str
+    note: str = ""
+
+
+@dataclass
+class Entry:
+    """One successful run in a table."""
+
+    record: dict[str, Any]
+    paper: PaperNumber | None = None
+    p_vs_best: float | None = None  # None for the best entry itself
+    rank: int = 0
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record["config"]
+
+    @property
+    def algorithm(self) -> str:
+        return self.config["algorithm"]
+
+    @property
+    def mean(self) -> float:
+        return self.record["test"]["mean"]
+
+    @property
+    def ci95(self) -> float:
+        return self.record["test"]["ci95"]
+
+    @property
+    def shown_mean(self) -> float:
+        """The mean in the unit tables show: percent for accuracy, raw for MSE."""
+        return 100 * self.mean if self.record.get("metric") == "acc" else self.mean
+
+    @property
+    def shown_ci95(self) -> float:
+        return 100 * self.ci95 if self.record.get("metric") == "acc" else self.ci95
+
+    @property
+    def paper_difference(self) -> float | None:
+        return self.shown_mean - self.paper.value if self.paper else None
+
+    @property
+    def budget(self) -> str:
+        return f"{self.config['steps']} × {self.config['meta_batch']}"
+
+    @property
+    def train_seconds(self) -> float | None:
+        return (self.record.get("train") or {}).get("seconds")
+
+    @property
+    def hardware(self) -> str:
+        info = self.record.get("hardware") or {}
+        devices = self.config.get("devices", 1)
+        if info.get("gpu"):
+            return f"{info['gpu']}" + (f" ×{devices}" if devices > 1 else "")
+        cpu = info.get("cpu_model") or info.get("cpu") or "CPU"
+        return f"{cpu}, {info.get('torch_threads', '?')} thr" + (f" ×{devices} procs" if devices > 1 else "")
+
+
+@dataclass
+class Table:
+    """All runs evaluated under one protocol, best first."""
+
+    key: tuple
+    title: str
+    slug: str
+    metric: str
+    entries: list[Entry] = field(default_factory=list)
+    papers: dict[str, PaperNumber] = field(default_factory=dict)  # published numbers of this protocol
+
+    @property
+    def references(self) -> dict[str, PaperNumber]:
+        """Published numbers of algorithms with no run in this table (e.g. the human reference)."""
+        ran = {entry.algorithm for entry in self.entries}
+        return {algorithm: number for algorithm, number in self.papers.items() if algorithm not in ran}
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "acc"
+
+
+@dataclass
+class Leaderboard:
+    tables: list[Table]
+    failed: list[dict[str, Any]]
+    problems: list[str]
+    citations: dict[str, str]
+    record_count: int
+
+
+def protocol_key(record: dict[str, Any]) -> tuple:
+    """What must be equal for two runs to have seen the identical test episodes."""
+    config = record["config"]
+    args = tuple(sorted((k, str(v)) for k, v in (config.get("dataset_args") or {}).items()))
+    return (config["dataset"], args, config["ways"], config["shots"], config["queries"], config["test_episodes"],
+            record.get("metric"))
+
+
+def _title_and_slug(key: tuple) -> tuple[str, str]:
+    dataset, args, ways, shots, queries, episodes, metric = key
+    arguments = ", ".join(f"{k}={v}" for k, v in args)
+    score = "accuracy %" if metric == "acc" else f"{str(metric).upper()}, lower is better"
+    title = (f"{dataset}{f' ({arguments})' if arguments else ''}: {ways}-way {shots}-shot"
+             f" — {queries} queries/class, {episodes} test episodes ({score})")
+    slug = "-".join([dataset] + [v if v not in ("True", "False") else k for k, v in args if v != "False"]
+                    + [f"{ways}w{shots}s", f"{queries}q", f"{episodes}ep"])
+    return title, slug.replace("_", "-").replace("/", "-").lower()
+
+
+def load_papers(path: Path | None = None) -> dict[str, Any]:
+    """The published numbers (see leaderboard/papers.yaml for the format); a bad file gets a clear error."""
+    path = Path(path or PAPERS)
+    if not path.exists():
+        return {"citations": {}, "benchmarks": {}}
+    papers = yaml.safe_load(path.read_text()) or {}
+    citations, benchmarks = papers.get("citations") or {}, papers.get("benchmarks") or {}
+    for name, benchmark in benchmarks.items():
+        for setting, algorithms in (benchmark.get("results") or {}).items():
+            for algorithm, number in algorithms.items():
+                if not isinstance(number, dict) or "value" not in number or number.get("cite") not in citations:
+                    raise ValueError(f"{path}: {name}/{setting}/{algorithm} needs {{value: NUMBER, cite: KEY}} "
+                                     f"with KEY one of the citations {sorted(citations)}")
+    return {"citations": citations, "benchmarks": benchmarks}
+
+
+def paper_numbers(papers: dict[str, Any], config: dict[str, Any]) -> dict[str, PaperNumber]:
+    """Algorithm -> published number for this run's protocol (dataset, its arguments, setting)."""
+    setting = f"{config['ways']}w{config['shots']}s"
+    args = config.get("dataset_args") or {}
+    for benchmark in papers["benchmarks"].values():
+        match = dict(benchmark.get("match") or {})
+        if match.pop("dataset", None) != config["dataset"] or any(args.get(k) != v for k, v in match.items()):
+            continue
+        numbers = (benchmark.get("results") or {}).get(setting) or {}
+        return {algorithm: PaperNumber(float(n["value"]), n["cite"], n.get("note", "")) for algorithm, n in numbers.items()}
+    return {}
+
+
+def rank_table(table: Table) -> None:
+    """Sort best first, number the ranks, and test every entry against the best one (paired)."""
+    table.entries.sort(key=lambda e: (-e.mean if table.higher_is_better else e.mean, e.record["name"]))
+    best = table.entries[0]
+    best_scores = episode_scores(best.record)
+    for rank, entry in enumerate(table.entries, start=1):
+        entry.rank = rank
+        if entry is not best:
+            entry.p_vs_best = compare_paired(episode_scores(entry.record), best_scores).p_value
+
+
+def collect(records_dir: Path, papers: dict[str, Any]) -> Leaderboard:
+    """Group the records of ``records_dir`` into ranked tables (see module docstring)."""
+    found, problems = scan_records(records_dir)
+    tables: dict[tuple, Table] = {}
+    failed = []
+    for path, record in found.values():
+        if record.get("status") != "ok":
+            failed.append(record)
+            continue
+        test = record.get("test") or {}
+        if not test.get("episode_scores") or test.get("mean") is None:
+            problems.append(f"{path}: status ok but no per-episode test scores; delete it and rerun the run")
+            continue
+        key = protocol_key(record)
+        if key not in tables:
+            title, slug = _title_and_slug(key)
+            tables[key] = Table(key, title, slug, record.get("metric") or "acc",
+                                papers=paper_numbers(papers, record["config"]))
+        table = tables[key]
+        table.entries.append(Entry(record, table.papers.get(record["config"]["algorithm"])))
+    ordered = sorted(tables.values(), key=lambda t: t.slug)
+    for table in ordered:
+        rank_table(table)
+    return Leaderboard(ordered, sorted(failed, key=lambda r: r.get("name", "")), problems,
+                       papers["citations"], len(found))
+
+
+def build_leaderboard(records_dir: Path, out_dir: Path, papers_path: Path | None = None,
+                      wandb_group: str | None = "leaderboard") -> int:
+    """Write README.md, leaderboard.csv, leaderboard.html and plots/ under ``out_dir``; log plots to W&B."""
+    from bench.leaderboard_render import render_csv, render_html, render_markdown
+    from bench.plots import plot_tables
+
+    board = collect(Path(records_dir), load_papers(papers_path))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot_tables(board.tables, out_dir / "plots")
+    (out_dir / "README.md").write_text(render_markdown(board, plots, out_dir))
+    (out_dir / "leaderboard.csv").write_text(render_csv(board))
+    (out_dir / "leaderboard.html").write_text(render_html(board, plots))
+    for problem in board.problems:
+        print(f"WARNING {problem}", file=sys.stderr)
+    print(f"leaderboard: {sum(len(t.entries) for t in board.tables)} runs in {len(board.tables)} tables, "
+          f"{len(board.failed)} failed, {len(board.problems)} problem record(s) -> {out_dir}/README.md, "
+          f"leaderboard.csv, leaderboard.html, plots/ ({len(plots)} PNG)")
+    if wandb_group and plots:
+        from bench.wandb_logging import log_images
+
+        folder = log_images({f"plots/{path.stem}": path for path in plots}, group=wandb_group)
+        if folder:
+            print(f"leaderboard plots logged to W&B ({folder})")
+    return 0
