@@ -207,6 +207,24 @@ def test_augmentation_is_batched_no_python_per_image():
     assert counts[0] == counts[1]
 
 
+def test_sampling_and_gathering_a_meta_batch_costs_the_same_ops_at_any_size(data_env):
+    """Sampler, gather, augmentation and normalisation: a fixed number of tensor ops per meta-batch."""
+    write_dataset(data_env)
+    datamodule = small_module(augmentation=True, normalization=True)
+    datamodule.setup()
+    datamodule.channel_statistics()  # computed once, outside the counted steps
+    counts = []
+    for tasks in (4, 16, 64):
+        with OpCounter() as counter:
+            indices = datamodule.samplers["train"].sample(tasks, seeded_generator(0))
+            episode = datamodule.on_after_batch_transfer({"indices": indices, "ids": torch.full((tasks,), -1)}, 0)
+        counts.append(counter.count)
+    assert episode.query_x.shape == (64, 4, 3, SIZE, SIZE)
+    # A reshape may be a view or a copy depending on the shape (one op more or less); Python per
+    # task or per image would add dozens of ops from 4 to 64 tasks.
+    assert max(counts) - min(counts) <= 2, counts
+
+
 @pytest.mark.parametrize("breakage, fragment", [
     ("no dataset", r"miniImageNet not found in .*images.zip .*train.csv, val.csv, test.csv .*mini-imagenet-cache-train.pkl"),
     ("missing csv", r"incomplete: val.csv missing"),
