@@ -299,6 +299,11 @@ class MiniImageNetDataModule(EpisodicDataModule):
     def build_store(self) -> ImageStore:
         return build_miniimagenet_store()
 
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.normalization:
+            self.channel_statistics()  # once, here, not inside the first timed training step
+
     def split_classes(self, split: str) -> torch.Tensor:
         prefix = f"{split}/"
         return torch.tensor([i for i, name in enumerate(self.store.class_names) if name.startswith(prefix)])
