@@ -21,7 +21,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from bench.records import git_state, now_iso, scan_records, write_record
-from bench.stats import TEST_NAME, compare_paired, episode_scores
+from bench.stats import TEST_NAME, compare_paired, episode_scores, scores_by_episode
 
 DEFAULT_BASELINE = Path("leaderboard/baselines/ci.json")
 TOLERANCE = {"acc": 0.02, "mse": 0.10}  # acc: absolute drop; mse: relative rise
@@ -93,7 +93,7 @@ def compare_run(record: dict[str, Any], base: dict[str, Any], tolerance: float |
         return [Finding(name, algorithm, "fail", f"the run failed: {record.get('error', '?')}")]
     metric = record.get("metric") or "acc"
     limit = TOLERANCE.get(metric, 0.02) if tolerance is None else tolerance
-    comparison = compare_paired(episode_scores(record), episode_scores(base))
+    comparison = compare_paired(episode_scores(record), scores_by_episode(base["episode_ids"], base["episode_scores"]))
     drop = score_drop(metric, comparison.mean_b, comparison.mean_a)
     text = (f"{describe_drop(metric, comparison.mean_b, comparison.mean_a, limit)}, "
             f"p={comparison.p_value:.2g} on {comparison.episodes} paired episodes")

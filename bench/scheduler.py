@@ -46,8 +46,12 @@ class Slot:
     env: dict[str, str] = field(default_factory=dict)
 
     def apply(self, config: RunConfig) -> RunConfig:
-        """``config`` placed on this slot (execution fields only: the run key does not change)."""
-        return dataclasses.replace(config, accelerator=self.accelerator, devices=self.devices, threads=self.threads)
+        """``config`` placed on this slot (execution fields only: the run key does not change).
+
+        A thread count the suite sets is kept (CPU results depend on it, e.g. for the regression baseline).
+        """
+        return dataclasses.replace(config, accelerator=self.accelerator, devices=self.devices,
+                                   threads=config.threads or self.threads)
 
 
 def parse_gpus(gpus: str | None) -> list[str]:

@@ -30,10 +30,14 @@ class PairedComparison:
         return self.mean_a - self.mean_b
 
 
+def scores_by_episode(ids: list[int], scores: list[float]) -> dict[int, float]:
+    return {int(i): float(s) for i, s in zip(ids or [], scores or [])}
+
+
 def episode_scores(record: dict[str, Any]) -> dict[int, float]:
     """Episode id -> test score of a record (empty when the record has none)."""
     test = record.get("test") or {}
-    return {int(i): float(s) for i, s in zip(test.get("episode_ids") or [], test.get("episode_scores") or [])}
+    return scores_by_episode(test.get("episode_ids"), test.get("episode_scores"))
 
 
 def compare_paired(a: dict[int, float], b: dict[int, float]) -> PairedComparison:

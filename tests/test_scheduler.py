@@ -106,6 +106,8 @@ def test_cpu_pool_splits_threads():
     assert all(s.threads == 2 and s.env["OMP_NUM_THREADS"] == "2" and s.env["CUDA_VISIBLE_DEVICES"] == ""
                for s in slots)
     assert device_slots([], workers=4, cpu_count=2)[0].threads == 1
+    assert slots[0].apply(RunConfig(algorithm="maml")).threads == 2
+    assert slots[0].apply(RunConfig(algorithm="maml", threads=1)).threads == 1  # a suite's pinned count wins
     assert device_slots([], workers=1, devices=2, cpu_count=8)[0].threads == 4  # DDP processes share the slot
     with pytest.raises(ValueError, match="at least 1"):
         device_slots([], workers=0)
@@ -197,7 +199,8 @@ def test_duplicate_runs_in_a_suite_are_refused(tmp_path):
 TINY_SUITE = {
     "name": "tiny",
     "defaults": {"dataset": "omniglot", "dataset_args": {"split": "lake"}, "ways": 5, "shots": 1, "queries": 5,
-                 "meta_batch": 2, "steps": 3, "val_episodes": 0, "test_episodes": 10, "eval_batch": 10},
+                 "meta_batch": 2, "steps": 3, "val_episodes": 0, "test_episodes": 10, "eval_batch": 10,
+                 "threads": 1},
     "grid": {"seed": [0, 1, 2]},
     "algorithms": {"protonet": {"hparams": {"hidden": 16}}},
 }

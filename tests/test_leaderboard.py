@@ -1,0 +1,107 @@
+"""The leaderboard is a pure function of the records: tables per protocol, paper numbers, paired tests, files."""
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from bench.config import RunConfig
+from bench.leaderboard import PAPERS, build_leaderboard, collect, load_papers
+from bench.records import SCHEMA, write_record
+
+
+def scores(base: float, count: int = 100, spread: float = 0.2) -> list[float]:
+    return [min(1.0, max(0.0, base + spread * (((i * 37) % 11) / 10 - 0.5))) for i in range(count)]
+
+
+def add_record(folder, algorithm, values, metric="acc", status="ok", **fields) -> dict:
+    config = RunConfig(**{"algorithm": algorithm, "dataset": "omniglot", "dataset_args": {"split": "vinyals"},
+                          "test_episodes": len(values), "steps": 100, "meta_batch": 4, "suite": "unit", **fields})
+    record = {"schema": SCHEMA, "status": status, "key": config.key(), "name": config.name,
+              "config": config.to_dict(), "metric": metric, "wall_time_s": 12.0,
+              "hardware": {"cpu": "x86_64", "cpu_model": "Test CPU", "torch_threads": 1, "device": "cpu"}}
+    if status == "ok":
+        record.update(test={"mean": sum(values) / len(values), "ci95": 0.01, "std": 0.05, "episodes": len(values),
+                            "episode_ids": list(range(len(values))), "episode_scores": values},
+                      train={"steps": 100, "seconds": 10.0 + len(algorithm), "episodes_per_s": 40.0})
+    else:
+        record["error"] = "NonFiniteLossError: loss became nan at step 3"
+    write_record(folder / f"{config.name}.json", record)
+    return record
+
+
+@pytest.fixture
+def records(tmp_path):
+    folder = tmp_path / "records"
+    add_record(folder, "protonet", scores(0.98, spread=0.04))
+    add_record(folder, "maml", scores(0.90))
+    add_record(folder, "matching", scores(0.98, spread=0.04), seed=1)  # identical episodes' scores: p = 1
+    add_record(folder, "relation", [], status="failed", test_episodes=100)
+    add_record(folder, "maml", scores(0.5, spread=0.4), metric="mse", dataset="sinusoid", dataset_args={},
+               ways=1, shots=10)
+    add_record(folder, "pretrained", scores(2.5, spread=1.0), metric="mse", dataset="sinusoid", dataset_args={},
+               ways=1, shots=10)
+    add_record(folder, "protonet", scores(0.7), shots=5)  # another protocol: its own table
+    (folder / f"half-{'b' * 12}.json").write_text('{"schema": 1, "status": "ok", "key"')
+    return folder
+
+
+def test_tables_group_by_protocol_rank_and_test_against_the_best(records):
+    board = collect(records, load_papers())
+    slugs = [table.slug for table in board.tables]
+    assert slugs == ["omniglot-vinyals-5w1s-15q-100ep", "omniglot-vinyals-5w5s-15q-100ep", "sinusoid-1w10s-15q-100ep"]
+    omniglot = board.tables[0]
+    assert [e.algorithm for e in omniglot.entries][2] == "maml"
+    assert omniglot.entries[0].p_vs_best is None and omniglot.entries[1].p_vs_best == 1.0
+    assert omniglot.entries[2].p_vs_best < 1e-6
+    protonet = next(e for e in omniglot.entries if e.algorithm == "protonet")
+    assert (protonet.paper.value, protonet.paper.cite) == (98.8, "snell2017")
+    assert protonet.paper_difference == pytest.approx(100 * protonet.mean - 98.8)
+    assert "relation" in omniglot.references  # published, not run in this table
+    sinusoid = board.tables[2]
+    assert [e.algorithm for e in sinusoid.entries] == ["maml", "pretrained"]  # MSE: lower is better
+    assert [r["config"]["algorithm"] for r in board.failed] == ["relation"]
+    assert len(board.problems) == 1 and "half-bbbbbbbbbbbb.json" in board.problems[0]
+
+
+def test_leaderboard_files(records, tmp_path):
+    out = tmp_path / "board"
+    assert build_leaderboard(records, out, wandb_group=None) == 0
+    readme = (out / "README.md").read_text()
+    assert "## omniglot (split=vinyals): 5-way 1-shot — 15 queries/class, 100 test episodes (accuracy %)" in readme
+    best_row = next(line for line in readme.splitlines() if line.startswith("| 1 | matching"))
+    protonet_row = next(line for line in readme.splitlines() if line.startswith("| 2 | protonet"))  # tie: by name
+    assert "98.1 [vinyals2016]" in best_row and "| best |" in best_row
+    assert "98.8 [snell2017]" in protonet_row and "100 × 4" in protonet_row and "Test CPU, 1 thr" in protonet_row
+    assert "| 1.000 |" in protonet_row
+    assert "## Failed runs" in readme and "NonFiniteLossError" in readme
+    assert "## Records that could not be used" in readme and "half-bbbbbbbbbbbb.json" in readme
+    assert "[snell2017] Snell, Swersky & Zemel (2017)" in readme
+    rows = list(csv.DictReader(io.StringIO((out / "leaderboard.csv").read_text())))
+    assert len(rows) == 6 and {row["table"] for row in rows} == {"omniglot-vinyals-5w1s-15q-100ep",
+                                                               "omniglot-vinyals-5w5s-15q-100ep",
+                                                               "sinusoid-1w10s-15q-100ep"}
+    page = (out / "leaderboard.html").read_text()
+    assert page.count('<table class="sortable">') == 3 and "addEventListener('click'" in page
+    assert page.count("data:image/png;base64,") == 6 and "src=\"http" not in page  # self-contained
+    plots = sorted(path.name for path in (out / "plots").iterdir())
+    assert len(plots) == 6 and all((out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in plots)
+    assert "![omniglot-vinyals-5w1s-15q-100ep-scores](plots/omniglot-vinyals-5w1s-15q-100ep-scores.png)" in readme
+
+
+def test_same_records_give_the_same_files(records, tmp_path):
+    build_leaderboard(records, tmp_path / "a", wandb_group=None)
+    build_leaderboard(records, tmp_path / "b", wandb_group=None)
+    for name in ("README.md", "leaderboard.csv", "leaderboard.html"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+
+
+def test_papers_file_is_valid_and_bad_entries_are_named(tmp_path):
+    papers = load_papers(PAPERS)
+    assert papers["benchmarks"]["omniglot-vinyals"]["results"]["20w5s"]["maml"]["value"] == 98.9
+    bad = tmp_path / "papers.yaml"
+    bad.write_text("citations: {a: A}\nbenchmarks:\n  x:\n    match: {dataset: omniglot}\n"
+                   "    results: {5w1s: {protonet: {value: 1, cite: nope}}}\n")
+    with pytest.raises(ValueError, match="x/5w1s/protonet needs"):
+        load_papers(bad)

@@ -1,0 +1,111 @@
+"""Regression check: a planted regression (MAML inner learning rate x0.01) fails naming MAML; unmodified code passes."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+import yaml
+
+from bench import regress
+from bench.config import RunConfig
+from bench.records import SCHEMA
+
+# A miniature ci suite: the regression check's real path (scheduler, runner, records, paired test) in seconds.
+MINI_CI = {
+    "name": "mini-ci",
+    "defaults": {"dataset": "omniglot", "dataset_args": {"split": "vinyals"}, "ways": 5, "shots": 1, "queries": 5,
+                 "meta_batch": 2, "steps": 3, "val_episodes": 0, "test_episodes": 60, "eval_batch": 20,
+                 "seed": 0, "threads": 1},
+    "algorithms": {"protonet": {"hparams": {"hidden": 16}}, "maml": {"hparams": {"hidden": 16}}},
+}
+
+
+def regress_args(tmp_path: Path, **changes) -> argparse.Namespace:
+    suite = tmp_path / "mini-ci.yaml"
+    suite.write_text(yaml.safe_dump(MINI_CI))
+    values = dict(suite=str(suite), baseline=tmp_path / "baseline.json", results=tmp_path / "scratch", update=False,
+                  from_records=None, tolerance=None, alpha=regress.ALPHA,
+                  throughput_tolerance=regress.THROUGHPUT_TOLERANCE, junit=None, github=False, gpus="none",
+                  devices=1, workers=1, in_process=True)
+    return argparse.Namespace(**{**values, **changes})
+
+
+def test_planted_regression_fails_naming_the_algorithm_and_unmodified_code_passes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert regress.regress_command(regress_args(tmp_path, update=True)) == 0
+    baseline = json.loads((tmp_path / "baseline.json").read_text())
+    assert sorted(run["algorithm"] for run in baseline["runs"].values()) == ["maml", "protonet"]
+    capsys.readouterr()
+
+    assert regress.regress_command(regress_args(tmp_path)) == 0  # unmodified code: same episodes, same scores
+    assert "OK: no significant regression in 2 run(s)" in capsys.readouterr().out
+
+    from tasks.maml import MAML
+
+    monkeypatch.setattr(MAML, "step_size", lambda self: 0.01 * self.inner_lr)  # the planted bug
+    junit = tmp_path / "regress.xml"
+    assert regress.regress_command(regress_args(tmp_path, junit=junit, github=True)) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION: 1 problem(s): maml" in out
+    failing = [line for line in out.splitlines() if line.strip().startswith("FAIL")]
+    assert len(failing) == 1 and " maml " in failing[0] and "points" in failing[0] and "p=" in failing[0]
+    assert "::error title=metabench regress maml::" in out
+    suite = ElementTree.parse(junit).getroot()
+    assert suite.get("failures") == "1" and suite.get("tests") == "2"
+    failed_cases = [case.get("classname") for case in suite.iter("testcase") if case.find("failure") is not None]
+    assert failed_cases == ["regress.maml"]
+
+
+# -- the comparison on synthetic records (fast, exact) -------------------------------------------------------
+def record(algorithm: str, scores: list[float], speed: float = 100.0, status: str = "ok", seed: int = 0) -> dict:
+    config = RunConfig(algorithm=algorithm, seed=seed, test_episodes=len(scores))
+    mean = sum(scores) / len(scores)
+    return {"schema": SCHEMA, "status": status, "key": config.key(), "name": config.name, "config": config.to_dict(),
+            "metric": "acc", "test": {"mean": mean, "ci95": 0.01, "episode_ids": list(range(len(scores))),
+                                      "episode_scores": scores},
+            "train": {"episodes_per_s": speed}, "hardware": {"cpu": "test"}}
+
+
+BASE = [0.6 + 0.3 * ((i * 37) % 11) / 10 for i in range(200)]
+
+
+def test_small_or_insignificant_changes_pass():
+    baseline = regress.make_baseline([record("protonet", BASE)], "ci")
+    slightly_worse = [s - 0.01 for s in BASE]  # significant (every episode lower) but within tolerance
+    findings = regress.compare([record("protonet", slightly_worse)], baseline)
+    assert [f.status for f in findings] == ["pass"] and findings[0].p_value < 1e-10
+    noisy = [s + (0.05 if i % 2 else -0.05) for i, s in enumerate(BASE)]  # no systematic change
+    assert [f.status for f in regress.compare([record("protonet", noisy)], baseline)] == ["pass"]
+
+
+def test_large_significant_drop_fails_and_throughput_drop_warns():
+    baseline = regress.make_baseline([record("protonet", BASE), record("maml", BASE)], "ci")
+    findings = regress.compare([record("protonet", BASE, speed=30.0), record("maml", [s - 0.1 for s in BASE])],
+                               baseline)
+    by_status = {(f.algorithm, f.status) for f in findings}
+    assert by_status == {("maml", "fail"), ("protonet", "pass"), ("protonet", "warn")}
+    fail = next(f for f in findings if f.status == "fail")
+    assert fail.drop == pytest.approx(0.1) and "-10.00 points" in fail.message
+    assert regress.failed(findings)
+
+
+def test_suite_changes_and_failed_runs_are_errors():
+    baseline = regress.make_baseline([record("protonet", BASE)], "ci")
+    findings = regress.compare([record("maml", BASE), record("protonet", BASE, status="failed")], baseline)
+    assert {(f.algorithm, f.status) for f in findings} == {("maml", "error"), ("protonet", "fail")}
+    assert "regress-update" in next(f.message for f in findings if f.status == "error")
+    missing = regress.compare([], baseline)
+    assert [f.status for f in missing] == ["error"] and "missing" in missing[0].message
+    with pytest.raises(ValueError, match="failed runs"):
+        regress.make_baseline([record("protonet", BASE, status="failed")], "ci")
+
+
+def test_bad_baseline_file_gets_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="make regress-update"):
+        regress.load_baseline(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        regress.load_baseline(tmp_path / "broken.json")
