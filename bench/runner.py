@@ -135,6 +135,7 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
                       "final_loss": _metric(trainer, "train/loss")},
             "hardware": hardware(device),
             "peak_memory_bytes": peak_memory_bytes(device),
+            "execution": task.execution,
         })
         if not trainer.is_global_zero:
             return record

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.batches import LabelledBatch, TrainBatches, check_train_mode
 from datamodules.download import DataError
-from datamodules.episodes import Episode, EpisodeSampler, fixed_episodes, seeded_generator
+from datamodules.episodes import Episode, EpisodeSampler, fixed_episodes, seeded_generator, support_then_query
 from datamodules.store import ImageStore
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}
@@ -204,7 +204,8 @@ class EpisodicDataModule(pl.LightningDataModule):
 
         Training episodes are augmented (see :meth:`augment`); evaluation episodes never are.
         """
-        images = self.store.gather(indices)
+        tasks, ways = indices.shape[:2]
+        images = self.store.gather(support_then_query(indices, shots))  # pixels written once, no re-slicing copies
         if training:
             images = self.augment(images)
-        return Episode.from_grouped(self.normalize(images), shots, ids)
+        return Episode.from_support_then_query(self.normalize(images), tasks, ways, shots, ids)

@@ -40,6 +40,24 @@ class Episode:
         return self.query_x.shape[1] // self.ways
 
     @classmethod
+    def from_support_then_query(cls, x: torch.Tensor, tasks: int, ways: int, shots: int,
+                                ids: torch.Tensor) -> "Episode":
+        """The episode of examples ``[tasks * ways * (shots + queries), ...]`` gathered in
+        :func:`support_then_query` order; support and query sets are views, nothing is copied."""
+        feature_shape = x.shape[1:]
+        n_support = tasks * ways * shots
+        queries = (x.shape[0] - n_support) // (tasks * ways)
+        labels = torch.arange(ways, device=x.device)
+        return cls(
+            support_x=x[:n_support].view(tasks, ways * shots, *feature_shape),
+            support_y=labels.repeat_interleave(shots).expand(tasks, -1),
+            query_x=x[n_support:].view(tasks, ways * queries, *feature_shape),
+            query_y=labels.repeat_interleave(queries).expand(tasks, -1),
+            ids=ids,
+            ways=ways,
+        )
+
+    @classmethod
     def from_grouped(cls, x: torch.Tensor, shots: int, ids: torch.Tensor) -> "Episode":
         """Split gathered examples ``[tasks, ways, shots + queries, ...]`` into support and query."""
         tasks, ways, total = x.shape[:3]
@@ -54,6 +72,35 @@ class Episode:
             ids=ids,
             ways=ways,
         )
+
+
+def distinct_draws(rows: tuple[int, ...], population: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct integers of ``[0, population)`` per row, in random order: ``[*rows, count]``.
+
+    A uniformly random ordered subset either way. Sparse draws (``count**2 <= population``, e.g. 5 of
+    4112 Omniglot classes) draw with replacement and redraw the rare rows that repeat a value, which
+    costs O(count) per row; dense draws take the ``count`` largest of ``population`` uniform scores.
+    """
+    if count > population:
+        raise ValueError(f"cannot draw {count} distinct values from {population}")
+    if count * count > population:
+        return torch.rand(*rows, population, generator=generator).topk(count, dim=-1, sorted=False).indices
+    draws = torch.randint(population, (*rows, count), generator=generator).reshape(-1, count)
+    while True:
+        ordered = draws.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero().flatten()
+        if repeated.numel() == 0:
+            return draws.reshape(*rows, count)
+        draws[repeated] = torch.randint(population, (repeated.numel(), count), generator=generator)
+
+
+def support_then_query(indices: torch.Tensor, shots: int) -> torch.Tensor:
+    """Episode indices ``[tasks, ways, shots + queries]`` reordered flat: all support examples, then all queries.
+
+    Gathering in this order lets :meth:`Episode.from_support_then_query` cut the support and query
+    sets as views, so an episode's pixels are written exactly once.
+    """
+    return torch.cat([indices[:, :, :shots].reshape(-1), indices[:, :, shots:].reshape(-1)])
 
 
 def seeded_generator(*seeds: int) -> torch.Generator:
@@ -91,14 +138,11 @@ class EpisodeSampler:
 
     def sample_classes(self, tasks: int, generator: torch.Generator) -> torch.Tensor:
         """Store class ids ``[tasks, ways]``, distinct within each episode."""
-        class_scores = torch.rand(tasks, self.class_ids.numel(), generator=generator)
-        chosen = class_scores.topk(self.ways, dim=1, sorted=False).indices
-        return self.class_ids[chosen]
+        return self.class_ids[distinct_draws((tasks,), self.class_ids.numel(), self.ways, generator)]
 
     def sample_examples(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Flat indices ``[tasks, ways, shots + queries]``: distinct examples of each class in ``classes``."""
-        example_scores = torch.rand(*classes.shape, self.per_class, generator=generator)
-        examples = example_scores.topk(self.examples_per_class, dim=2, sorted=False).indices
+        examples = distinct_draws(tuple(classes.shape), self.per_class, self.examples_per_class, generator)
         return classes.unsqueeze(-1) * self.per_class + examples
 
 

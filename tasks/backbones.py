@@ -6,14 +6,73 @@ convolution with ``hidden`` filters, BatchNorm, ReLU and 2x2 max-pooling.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 from torch import nn
+
+_UNDER_TASK_VMAP = contextvars.ContextVar("metabench_under_task_vmap", default=False)
+
+
+@contextlib.contextmanager
+def under_task_vmap() -> Iterator[None]:
+    """Marks code that runs under ``torch.func.vmap`` over the tasks of a meta-batch.
+
+    Inside, batch-statistics BatchNorm is computed from primitive tensor ops: vmap gives wrong
+    second-order gradients through PyTorch's fused ``native_batch_norm`` (its double-backward batching
+    rule; the loss and first-order gradients are right, the meta-gradient of the parameters before a
+    BatchNorm is off by ~1e-2, torch 2.14), while mean / variance / affine ops differentiate correctly
+    at any order. Outside, the fused kernel is used (faster, and identical to learn2learn's reference
+    loop). Conv-4 also keeps the default memory layout inside (vmap cannot re-stride a batched tensor).
+    """
+    token = _UNDER_TASK_VMAP.set(True)
+    try:
+        yield
+    finally:
+        _UNDER_TASK_VMAP.reset(token)
+
+
+def batch_stats_norm(inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+    """BatchNorm with the current batch's statistics (biased variance), in primitive ops.
+
+    Normalises ``inputs [N, C, *spatial]`` per channel over the batch and spatial dimensions, then
+    applies the per-channel affine map -- exactly what ``F.batch_norm(training=True)`` computes.
+    """
+    dims = [0, *range(2, inputs.dim())]
+    variance, mean = torch.var_mean(inputs, dim=dims, correction=0, keepdim=True)
+    normalised = (inputs - mean) * torch.rsqrt(variance + eps)
+    shape = (1, -1) + (1,) * (inputs.dim() - 2)
+    if weight is not None:
+        normalised = normalised * weight.view(shape)
+    if bias is not None:
+        normalised = normalised + bias.view(shape)
+    return normalised
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that switches to :func:`batch_stats_norm` inside :func:`under_task_vmap`.
+
+    Only batch-statistics normalisation is switched (``track_running_stats=False``, or training
+    mode); parameter names and state dicts are those of ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if _UNDER_TASK_VMAP.get() and (self.training or not self.track_running_stats):
+            if self.track_running_stats:
+                raise RuntimeError(
+                    "vectorised adaptation cannot update BatchNorm running statistics per task; build the "
+                    "network with track_running_stats=False (as MAML does) or use vectorize=False")
+            return batch_stats_norm(inputs, self.weight, self.bias, self.eps)
+        return super().forward(inputs)
 
 
 def conv_block(in_channels: int, out_channels: int, track_running_stats: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=track_running_stats),
+        BatchNorm2d(out_channels, track_running_stats=track_running_stats),
         nn.ReLU(inplace=False),
         nn.MaxPool2d(2),
     )
@@ -32,16 +91,27 @@ class Conv4(nn.Module):
     ``track_running_stats=False`` makes BatchNorm always use the current batch's statistics, as
     in MAML's reference implementation; it is also what makes the network a pure function of its
     parameters for ``torch.func`` transforms.
+
+    ``channels_last`` runs the blocks on channels-last (NHWC) activations; ``None`` (default) does so
+    on CPU, where oneDNN's convolution, BatchNorm and pooling kernels are markedly faster in that
+    layout (``make perf`` measures it: leaderboard/perf.md), and keeps PyTorch's default elsewhere.
+    Only the memory layout changes, not the values computed.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
-                 blocks: int = 4, track_running_stats: bool = True) -> None:
+                 blocks: int = 4, track_running_stats: bool = True, channels_last: bool | None = None) -> None:
         super().__init__()
         channels = [in_channels] + [hidden] * blocks
         self.blocks = nn.Sequential(*[conv_block(channels[i], channels[i + 1], track_running_stats) for i in range(blocks)])
         self.output_dim = hidden * conv4_output_size(image_size, blocks) ** 2
+        self.channels_last = channels_last
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        use = self.channels_last if self.channels_last is not None else images.device.type == "cpu"
+        if use and not _UNDER_TASK_VMAP.get():
+            # .to() (not .contiguous()) also re-strides single-channel images, whose NCHW strides would
+            # otherwise count as channels-last and send every layer down the NCHW path.
+            images = images.to(memory_format=torch.channels_last)
         return self.blocks(images).flatten(1)
 
 

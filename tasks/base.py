@@ -52,6 +52,7 @@ class EpisodicTask(pl.LightningModule):
         self.test_scores = CatMetric()
         self.test_ids = CatMetric()
         self.test_summary: dict = {}
+        self.execution: dict = {}  # how the run executed (e.g. the loop/vmap choice); copied into the run record
 
     # -- what an algorithm implements --------------------------------------------------------
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:

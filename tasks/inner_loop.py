@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from tasks.backbones import under_task_vmap
+
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,7 +59,13 @@ def per_task(function: Callable[..., torch.Tensor], vectorize: bool) -> Callable
     All arguments are batched along dimension 0; the per-task outputs are stacked.
     """
     if vectorize:
-        return vmap(function, randomness="same")
+        vectorized = vmap(function, randomness="same")
+
+        def vmapped(*batched: torch.Tensor) -> torch.Tensor:
+            with under_task_vmap():  # fused BatchNorm breaks vmap's second order: see under_task_vmap
+                return vectorized(*batched)
+
+        return vmapped
 
     def looped(*batched: torch.Tensor) -> torch.Tensor:
         return torch.stack([function(*task) for task in zip(*batched)])

@@ -19,6 +19,7 @@ from tasks.backbones import Classifier, Conv4
 from tasks.base import EpisodicTask
 from tasks.inner_loop import Params, adapt, per_task
 from tasks.regression import regression_network
+from tasks.vectorize import AUTO, VectorizeChoice, check_vectorize, resolve
 from torch.func import functional_call
 
 
@@ -38,19 +39,25 @@ class MAML(EpisodicTask):
     Args:
         inner_lr: inner-loop step size alpha. inner_steps / test_inner_steps: adaptation steps during
             meta-training / evaluation. first_order: drop second-order terms (FOMAML).
-        vectorize: run the tasks of a meta-batch under ``torch.func.vmap`` instead of a loop.
+        vectorize: run the tasks of a meta-batch under ``torch.func.vmap`` (True), in a loop (False), or
+            whichever is faster on the device and shapes, measured once (``"auto"``, see
+            :mod:`tasks.vectorize`; the choice is kept in ``execution["vectorize"]`` and in the run record).
         hidden: Conv-4 filters, or the regression MLP's width. in_features: regression input size.
     """
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  in_features: int = 1, problem: str = "classification", lr: float = 1e-3, inner_lr: float = 0.4,
                  inner_steps: int = 1, test_inner_steps: int = 3, first_order: bool = False,
-                 vectorize: bool = False, lr_decay_every: int = 0, lr_decay: float = 0.5) -> None:
+                 vectorize: bool | str = AUTO, lr_decay_every: int = 0, lr_decay: float = 0.5) -> None:
         super().__init__(ways=ways, problem=problem, lr=lr, lr_decay_every=lr_decay_every, lr_decay=lr_decay)
         self.save_hyperparameters()
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
-        self.first_order, self.vectorize = first_order, vectorize
+        self.first_order, self.vectorize = first_order, check_vectorize(vectorize)
         self.network = self.build_network()
+        self.vectorize_choice: VectorizeChoice | None = None
+        if self.vectorize != AUTO:
+            self.vectorize_choice = VectorizeChoice(self.vectorize, "given")
+            self.execution["vectorize"] = self.vectorize_choice.to_dict()
 
     def build_network(self) -> torch.nn.Module:
         hp = self.hparams
@@ -66,10 +73,11 @@ class MAML(EpisodicTask):
 
     # -- the algorithm -----------------------------------------------------------------------
     def adapted_query_outputs(self, episode: Episode, steps: int, first_order: bool,
-                              keep_graph: bool = True) -> torch.Tensor:
+                              keep_graph: bool = True, vectorize: bool | None = None) -> torch.Tensor:
         """Query outputs ``[tasks, n_query, ...]`` after ``steps`` inner steps on each task's support set.
 
         ``keep_graph=False`` (evaluation) adapts detached copies, so no outer graph is built at all.
+        ``vectorize`` overrides the resolved loop/vmap choice (used to measure both).
         """
         fast, frozen = self.split_parameters()
         step_size = self.step_size()
@@ -80,7 +88,29 @@ class MAML(EpisodicTask):
         def one_task(support_x, support_y, query_x):
             return self.task_query_outputs(fast, frozen, step_size, support_x, support_y, query_x, steps, first_order)
 
-        return per_task(one_task, self.vectorize)(episode.support_x, episode.support_y, episode.query_x)
+        vectorize = self.resolve_vectorize(episode) if vectorize is None else vectorize
+        return per_task(one_task, vectorize)(episode.support_x, episode.support_y, episode.query_x)
+
+    def resolve_vectorize(self, episode: Episode) -> bool:
+        """``self.vectorize``, with ``"auto"`` decided on the first episode seen (see :mod:`tasks.vectorize`)."""
+        if self.vectorize != AUTO:
+            return self.vectorize
+        if self.vectorize_choice is None:
+            parameters = [p for p in self.parameters() if p.requires_grad]
+
+            def meta_gradient(vectorize: bool) -> None:
+                outputs = self.adapted_query_outputs(episode, self.inner_steps, self.first_order, vectorize=vectorize)
+                loss = self.loss_fn(outputs.flatten(0, 1), episode.query_y.flatten(0, 1))
+                torch.autograd.grad(loss, parameters, allow_unused=True)
+
+            key = {"algorithm": type(self).__name__, "first_order": self.first_order, "steps": self.inner_steps,
+                   "dtype": str(episode.support_x.dtype), "support": list(episode.support_x.shape),
+                   "query": list(episode.query_x.shape),
+                   "parameters": [list(p.shape) for p in parameters]}
+            with torch.enable_grad():
+                self.vectorize_choice = resolve(key, meta_gradient, episode.support_x.device)
+            self.execution["vectorize"] = self.vectorize_choice.to_dict()
+        return self.vectorize_choice.vectorize
 
     def task_query_outputs(self, fast: Params, frozen: Params, step_size: float | dict[str, torch.Tensor],
                            support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,

@@ -26,7 +26,7 @@ class MetaSGD(MAML):
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  in_features: int = 1, problem: str = "classification", lr: float = 1e-3, inner_lr: float = 0.4,
                  inner_steps: int = 1, test_inner_steps: int = 1, first_order: bool = False,
-                 vectorize: bool = False, lr_decay_every: int = 0, lr_decay: float = 0.5) -> None:
+                 vectorize: bool | str = "auto", lr_decay_every: int = 0, lr_decay: float = 0.5) -> None:
         super().__init__(ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,
                          in_features=in_features, problem=problem, lr=lr, inner_lr=inner_lr,
                          inner_steps=inner_steps, test_inner_steps=test_inner_steps, first_order=first_order,

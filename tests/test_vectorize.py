@@ -1,0 +1,163 @@
+"""Task vectorisation and the speed-ups of ``make perf`` change nothing that is computed.
+
+* vmap over tasks and the Python loop give the same meta-gradients (1e-10, float64) for MAML second
+  order, FOMAML, Meta-SGD and ANIL on a Conv-4 with batch-statistics BatchNorm -- the case where
+  vmap through PyTorch's fused BatchNorm gets second-order gradients wrong;
+* ``vectorize="auto"`` measures once, remembers its choice (in memory and on disk) and records it;
+* channels-last Conv-4 computes the same function as the default layout;
+* the sampler's sparse and dense draws are valid, and the one-pass gather equals the old
+  gather-then-split.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.episodes import Episode, EpisodeSampler, distinct_draws, seeded_generator, support_then_query
+from tasks import vectorize as vectorize_module
+from tasks.anil import ANIL
+from tasks.backbones import BatchNorm2d, Conv4, under_task_vmap
+from tasks.fomaml import FOMAML
+from tasks.maml import MAML
+from tasks.metasgd import MetaSGD
+
+TINY = dict(ways=3, image_size=16, hidden=4, inner_lr=0.3)
+
+
+def float64_episode(tasks: int = 2, ways: int = 3, shots: int = 1, queries: int = 2) -> Episode:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(tasks, ways, shots + queries, 1, 16, 16, generator=generator, dtype=torch.float64)
+    return Episode.from_grouped(images, shots, torch.arange(tasks))
+
+
+def meta_gradients(task: MAML, episode: Episode, vectorize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    task.vectorize = vectorize
+    task.zero_grad()
+    loss, _ = task.training_loss(episode)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in task.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cls, options", [(MAML, {}), (FOMAML, {}), (MetaSGD, {}), (ANIL, {}),
+                                          (MAML, {"inner_steps": 2}), (ANIL, {"first_order": True})])
+def test_vmap_and_loop_give_identical_meta_gradients(cls, options):
+    torch.manual_seed(0)
+    task = cls(**TINY, **options).double()
+    episode = float64_episode()
+    loop_loss, loop = meta_gradients(task, episode, vectorize=False)
+    vmap_loss, vmapped = meta_gradients(task, episode, vectorize=True)
+    torch.testing.assert_close(vmap_loss, loop_loss, rtol=0, atol=1e-10)
+    assert loop.keys() == vmapped.keys()
+    for name in ("network.backbone.blocks.0.0.weight", "network.head.weight"):  # not vacuous
+        assert loop[name].abs().max() > 1e-6, name
+    for name in loop:
+        torch.testing.assert_close(vmapped[name], loop[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_batch_norm_under_task_vmap_is_the_fused_batch_norm():
+    norm = BatchNorm2d(4, track_running_stats=False).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    inputs = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    with under_task_vmap():
+        primitive = norm(inputs)
+    torch.testing.assert_close(primitive, norm(inputs), rtol=0, atol=1e-12)
+    tracking = BatchNorm2d(4).train()
+    with under_task_vmap(), pytest.raises(RuntimeError, match="track_running_stats=False"):
+        tracking(inputs.float())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_conv4_computes_the_same_function(channels):
+    torch.manual_seed(0)
+    default = Conv4(channels, 4, 16, channels_last=False).double()
+    nhwc = Conv4(channels, 4, 16, channels_last=True).double()
+    nhwc.load_state_dict(default.state_dict())
+    images = torch.rand(5, channels, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(nhwc(images), default(images), rtol=0, atol=1e-12)
+    default(images).square().sum().backward()
+    nhwc(images).square().sum().backward()
+    for (name, a), b in zip(default.named_parameters(), nhwc.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """An empty choice cache: nothing remembered in memory, a new cache folder."""
+    monkeypatch.setenv("METABENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(vectorize_module, "_MEMORY", {})
+    return tmp_path
+
+
+def test_auto_measures_once_records_the_choice_and_computes_what_the_choice_computes(fresh_choices):
+    torch.manual_seed(0)
+    task = MAML(**TINY)
+    assert task.vectorize == "auto" and task.execution == {}
+    episode = float64_episode()
+    episode = Episode(episode.support_x.float(), episode.support_y, episode.query_x.float(), episode.query_y,
+                      episode.ids, episode.ways)
+    loss, _ = task.training_loss(episode)
+    choice = task.execution["vectorize"]
+    assert choice["source"] == "measured" and choice["mode"] in ("loop", "vmap")
+    assert set(choice["seconds"]) == {"loop", "vmap"} and min(choice["seconds"].values()) > 0
+    task.vectorize = choice["vectorize"]
+    explicit, _ = task.training_loss(episode)
+    assert torch.equal(loss, explicit)
+    # Another instance in this process reuses the choice; a new process reads it from the cache file.
+    again = MAML(**TINY)
+    again.training_loss(episode)
+    assert again.execution["vectorize"] == choice
+    vectorize_module._MEMORY.clear()
+    assert (fresh_choices / vectorize_module.CACHE_FILE).exists()
+    third = MAML(**TINY)
+    third.training_loss(episode)
+    assert third.execution["vectorize"]["source"] == "cached"
+    assert third.execution["vectorize"]["vectorize"] == choice["vectorize"]
+
+
+def test_given_modes_are_recorded_and_bad_modes_are_refused():
+    assert MAML(vectorize=True, **TINY).execution["vectorize"] == {
+        "mode": "vmap", "vectorize": True, "source": "given", "seconds": None}
+    assert MAML(vectorize=False, **TINY).execution["vectorize"]["mode"] == "loop"
+    with pytest.raises(ValueError, match="True .* False .* 'auto'"):
+        MAML(vectorize="yes", **TINY)
+
+
+def test_a_failing_vmap_falls_back_to_the_loop(fresh_choices):
+    def trial(vectorize: bool) -> None:
+        if vectorize:
+            raise RuntimeError("no batching rule")
+
+    choice = vectorize_module.resolve({"case": "failing"}, trial, torch.device("cpu"))
+    assert choice.vectorize is False and choice.source.startswith("vmap failed: RuntimeError")
+
+
+@pytest.mark.parametrize("population, count", [(4112, 5), (20, 16), (600, 20), (7, 7)])
+def test_distinct_draws_are_distinct_in_range_and_seeded(population, count):
+    draws = distinct_draws((64, 3), population, count, seeded_generator(1))
+    assert draws.shape == (64, 3, count) and draws.dtype == torch.long
+    assert draws.min() >= 0 and draws.max() < population
+    assert all(len(set(row.tolist())) == count for row in draws.reshape(-1, count))
+    assert torch.equal(draws, distinct_draws((64, 3), population, count, seeded_generator(1)))
+    with pytest.raises(ValueError, match="distinct"):
+        distinct_draws((1,), population, population + 1, seeded_generator(1))
+
+
+def test_sparse_class_draws_cover_the_classes_uniformly():
+    classes = distinct_draws((20000,), 50, 5, seeded_generator(2)).flatten()
+    counts = torch.bincount(classes, minlength=50).double()
+    expected = 20000 * 5 / 50
+    assert (counts - expected).abs().max() < 5 * expected ** 0.5  # ~5 sigma
+
+
+def test_one_pass_gather_equals_gather_then_split():
+    pixels = torch.randint(0, 256, (40 * 6, 1, 4, 4), dtype=torch.uint8)
+    sampler = EpisodeSampler(torch.arange(40), per_class=6, ways=4, shots=2, queries=3)
+    indices = sampler.sample(5, seeded_generator(0))
+    ids = torch.arange(5)
+    old = Episode.from_grouped(pixels[indices].float() / 255, 2, ids)
+    new = Episode.from_support_then_query(pixels[support_then_query(indices, 2)].float() / 255, 5, 4, 2, ids)
+    for field in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(new, field), getattr(old, field)), field
