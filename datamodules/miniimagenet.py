@@ -191,7 +191,7 @@ def read_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
     try:
         with open(path, "rb") as handle:
             payload = pickle.load(handle)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as error:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as error:
         raise DataError(f"{path} is not a readable pickle ({error}). Replace it with learn2learn's file.") from error
     found = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
     require(isinstance(payload, dict) and {"image_data", "class_dict"} <= payload.keys(),
