@@ -29,3 +29,25 @@ def omniglot_vinyals():
                                     val_episodes=20, test_episodes=40, eval_batch=10, seed=0)
     datamodule.setup("fit")
     return datamodule
+
+
+@pytest.fixture
+def count_ops():
+    """``count_ops(fn)``: the number of ATen operations ``fn()`` runs (to show work is batched, not per item)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(fn) -> int:
+        with OpCounter() as counter:
+            fn()
+        return counter.count
+
+    return count

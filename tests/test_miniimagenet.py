@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import datamodules.miniimagenet as miniimagenet
 from datamodules import DataError, MiniImageNetDataModule, datamodule_class
@@ -186,40 +185,25 @@ def test_normalization_uses_training_statistics(data_env):
     assert torch.allclose(episode.support_x[0, 0], (raw - mean) / std)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations run inside the ``with`` block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_augmentation_is_batched_no_python_per_image():
-    counts = []
-    for batch in (1, 64):
-        with OpCounter() as counter:
-            random_crop_flip(torch.rand(batch, 5, 3, 3, 12, 12), 2, seeded_generator(0))
-        counts.append(counter.count)
+def test_augmentation_is_batched_no_python_per_image(count_ops):
+    images = {batch: torch.rand(batch, 5, 3, 3, 12, 12) for batch in (1, 64)}
+    counts = [count_ops(lambda: random_crop_flip(images[batch], 2, seeded_generator(0))) for batch in (1, 64)]
     assert counts[0] == counts[1]
 
 
-def test_sampling_and_gathering_a_meta_batch_costs_the_same_ops_at_any_size(data_env):
+def test_sampling_and_gathering_a_meta_batch_costs_the_same_ops_at_any_size(data_env, count_ops):
     """Sampler, gather, augmentation and normalisation: a fixed number of tensor ops per meta-batch."""
     write_dataset(data_env)
     datamodule = small_module(augmentation=True, normalization=True)
     datamodule.setup()
     datamodule.channel_statistics()  # computed once, outside the counted steps
-    counts = []
-    for tasks in (4, 16, 64):
-        with OpCounter() as counter:
-            indices = datamodule.samplers["train"].sample(tasks, seeded_generator(0))
-            episode = datamodule.on_after_batch_transfer({"indices": indices, "ids": torch.full((tasks,), -1)}, 0)
-        counts.append(counter.count)
-    assert episode.query_x.shape == (64, 4, 3, SIZE, SIZE)
+
+    def training_batch(tasks: int):
+        indices = datamodule.samplers["train"].sample(tasks, seeded_generator(0))
+        return datamodule.on_after_batch_transfer({"indices": indices, "ids": torch.full((tasks,), -1)}, 0)
+
+    counts = [count_ops(lambda: training_batch(tasks)) for tasks in (4, 16, 64)]
+    assert training_batch(64).query_x.shape == (64, 4, 3, SIZE, SIZE)
     # A reshape may be a view or a copy depending on the shape (one op more or less); Python per
     # task or per image would add dozens of ops from 4 to 64 tasks.
     assert max(counts) - min(counts) <= 2, counts
