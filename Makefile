@@ -14,12 +14,21 @@ SUITE ?= quick
 ALGOS ?=
 RESULTS ?= leaderboard/records
 PYTEST_ARGS ?=
+# Device pool of `make bench`/`make regress`: GPUS=0,1,2,3 (one run per GPU; empty = every visible GPU,
+# none = CPU), DEVICES=N (each run trained with DDP on N devices), WORKERS=N (parallel runs on CPU).
+GPUS ?=
+DEVICES ?= 1
+WORKERS ?= 1
+FORCE ?=
+JUNIT ?=
+POOL = --gpus "$(GPUS)" --devices $(DEVICES) --workers $(WORKERS)
 
-.PHONY: help venv test bench clean
+.PHONY: help venv test bench leaderboard regress regress-update wandb-sync report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SUITE=$(SUITE) ALGOS=<a,b> RESULTS=$(RESULTS) METABENCH_DATA=$(METABENCH_DATA)"
+	@echo "  variables: SUITE=$(SUITE) ALGOS=<a,b> RESULTS=$(RESULTS) GPUS=<0,1,..|none> DEVICES=$(DEVICES)"
+	@echo "             WORKERS=$(WORKERS) FORCE=1 JUNIT=<file.xml> WANDB_MODE=$(WANDB_MODE) METABENCH_DATA=$(METABENCH_DATA)"
 
 $(STAMP): requirements.txt scripts/install_learn2learn.sh
 	rm -f $(VENV)/.metabench-*
@@ -35,8 +44,25 @@ venv: $(STAMP)  ## create or refresh the project virtualenv (.venv)
 test: $(STAMP)  ## run the test suite (CPU, tiny budgets, real data)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## run a suite (SUITE=quick, ALGOS=protonet,maml), write records, print the table
-	$(PY) -m bench suite $(SUITE) --results $(RESULTS) $(if $(ALGOS),--algorithms $(ALGOS))
+bench: $(STAMP)  ## run a suite's pending runs (SUITE, ALGOS, GPUS, DEVICES, WORKERS, FORCE), then the leaderboard
+	$(PY) -m bench suite $(SUITE) --results $(RESULTS) $(POOL) $(if $(ALGOS),--algorithms $(ALGOS)) \
+		$(if $(FORCE),--force); status=$$?; \
+	$(PY) -m bench leaderboard --records $(RESULTS) --wandb-group $(SUITE); exit $$status
+
+leaderboard: $(STAMP)  ## rebuild leaderboard/README.md, leaderboard.csv, leaderboard.html and plots from the records
+	$(PY) -m bench leaderboard --records $(RESULTS)
+
+regress: $(STAMP)  ## run the ci suite and compare with leaderboard/baselines/ci.json (JUNIT=report.xml optional)
+	$(PY) -m bench regress $(POOL) $(if $(JUNIT),--junit $(JUNIT)) $(if $(GITHUB_ACTIONS),--github)
+
+regress-update: $(STAMP)  ## rerun the ci suite and rewrite the regression baseline (review, then commit it)
+	$(PY) -m bench regress --update $(POOL)
+
+wandb-sync: $(STAMP)  ## upload offline W&B runs (needs WANDB_API_KEY or `wandb login`, and network)
+	$(PY) -m bench wandb-sync
+
+report: $(STAMP)  ## build a W&B report of SUITE (online), else point to leaderboard/leaderboard.html
+	$(PY) -m bench report --suite $(SUITE) --records $(RESULTS)
 
 clean:  ## remove caches and scratch outputs (keeps .venv and committed records)
 	rm -rf .cache results lightning_logs wandb .pytest_cache

@@ -214,4 +214,11 @@ def regress_command(args: argparse.Namespace) -> int:
         print(f"JUnit XML: {args.junit}")
     if args.github:
         print(github_annotations(findings))
+    print(closing_line(findings))
     return 1 if failed(findings) else 0
+
+
+def closing_line(findings: list[Finding]) -> str:
+    """The plain count line CI systems read: runs without and with a regression (or error)."""
+    bad = {f.name for f in findings if f.status in ("fail", "error")}
+    return f"regress: {len({f.name for f in findings} - bad)} passed, {len(bad)} failed"

@@ -53,6 +53,7 @@ def test_planted_regression_fails_naming_the_algorithm_and_unmodified_code_passe
     failing = [line for line in out.splitlines() if line.strip().startswith("FAIL")]
     assert len(failing) == 1 and " maml " in failing[0] and "points" in failing[0] and "p=" in failing[0]
     assert "::error title=metabench regress maml::" in out
+    assert out.rstrip().splitlines()[-1] == "regress: 1 passed, 1 failed"
     suite = ElementTree.parse(junit).getroot()
     assert suite.get("failures") == "1" and suite.get("tests") == "2"
     failed_cases = [case.get("classname") for case in suite.iter("testcase") if case.find("failure") is not None]

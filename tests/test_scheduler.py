@@ -299,3 +299,24 @@ def test_two_schedulers_on_one_suite_share_the_work_without_duplicates(tiny_suit
     for config in expand_suite(TINY_SUITE):
         starts = sum(text.count(f"start {config.name} ") for text in texts)
         assert starts == 1, f"{config.name} was started {starts} times"
+
+
+# -- the shipped suites ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(path.stem for path in (REPO / "bench" / "suites").glob("*.yaml")))
+def test_shipped_suites_expand_into_runs_their_code_accepts(name):
+    """Every suite loads, and every run's hparams / dataset_args are arguments of its algorithm / data module."""
+    import inspect
+
+    from bench.suite import load_suite
+    from datamodules import datamodule_class
+    from tasks import algorithm_class
+
+    runs = load_suite(name)
+    assert runs and len({run.key() for run in runs}) == len(runs)
+    for run in runs:
+        task_args = inspect.signature(algorithm_class(run.algorithm).__init__).parameters
+        assert set(run.hparams) <= set(task_args), (run.name, sorted(set(run.hparams) - set(task_args)))
+        data_class = datamodule_class(run.dataset)
+        data_args = {p for cls in data_class.__mro__ if "__init__" in vars(cls)
+                     for p in inspect.signature(cls.__init__).parameters}
+        assert set(run.dataset_args) <= data_args, (run.name, sorted(set(run.dataset_args) - data_args))
