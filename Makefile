@@ -13,6 +13,7 @@ export PYTHONUNBUFFERED := 1
 SUITE ?= quick
 ALGOS ?=
 RESULTS ?= leaderboard/records
+LEADERBOARD ?= leaderboard
 PYTEST_ARGS ?=
 # Device pool of `make bench`/`make regress`: GPUS=0,1,2,3 (one run per GPU; empty = every visible GPU,
 # none = CPU), DEVICES=N (each run trained with DDP on N devices), WORKERS=N (parallel runs on CPU).
@@ -27,8 +28,9 @@ POOL = --gpus "$(GPUS)" --devices $(DEVICES) --workers $(WORKERS)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SUITE=$(SUITE) ALGOS=<a,b> RESULTS=$(RESULTS) GPUS=<0,1,..|none> DEVICES=$(DEVICES)"
-	@echo "             WORKERS=$(WORKERS) FORCE=1 JUNIT=<file.xml> WANDB_MODE=$(WANDB_MODE) METABENCH_DATA=$(METABENCH_DATA)"
+	@echo "  variables: SUITE=$(SUITE) ALGOS=<a,b> RESULTS=$(RESULTS) LEADERBOARD=$(LEADERBOARD) GPUS=<0,1,..|none>"
+	@echo "             DEVICES=$(DEVICES) WORKERS=$(WORKERS) FORCE=1 JUNIT=<file.xml> WANDB_MODE=$(WANDB_MODE)"
+	@echo "             METABENCH_DATA=$(METABENCH_DATA)"
 
 $(STAMP): requirements.txt scripts/install_learn2learn.sh
 	rm -f $(VENV)/.metabench-*
@@ -47,10 +49,10 @@ test: $(STAMP)  ## run the test suite (CPU, tiny budgets, real data)
 bench: $(STAMP)  ## run a suite's pending runs (SUITE, ALGOS, GPUS, DEVICES, WORKERS, FORCE), then the leaderboard
 	$(PY) -m bench suite $(SUITE) --results $(RESULTS) $(POOL) $(if $(ALGOS),--algorithms $(ALGOS)) \
 		$(if $(FORCE),--force); status=$$?; \
-	$(PY) -m bench leaderboard --records $(RESULTS) --wandb-group $(SUITE); exit $$status
+	$(PY) -m bench leaderboard --records $(RESULTS) --out $(LEADERBOARD) --wandb-group $(basename $(notdir $(SUITE))); exit $$status
 
 leaderboard: $(STAMP)  ## rebuild leaderboard/README.md, leaderboard.csv, leaderboard.html and plots from the records
-	$(PY) -m bench leaderboard --records $(RESULTS)
+	$(PY) -m bench leaderboard --records $(RESULTS) --out $(LEADERBOARD)
 
 regress: $(STAMP)  ## run the ci suite and compare with leaderboard/baselines/ci.json (JUNIT=report.xml optional)
 	$(PY) -m bench regress $(POOL) $(if $(JUNIT),--junit $(JUNIT)) $(if $(GITHUB_ACTIONS),--github)

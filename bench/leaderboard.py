@@ -217,7 +217,7 @@ def build_leaderboard(records_dir: Path, out_dir: Path, papers_path: Path | None
     (out_dir / "leaderboard.html").write_text(render_html(board, plots))
     for problem in board.problems:
         print(f"WARNING {problem}", file=sys.stderr)
-    print(f"leaderboard: {sum(len(t.entries) for t in board.tables)} runs in {len(board.tables)} tables, "
+    print(f"leaderboard: {sum(len(t.entries) for t in board.tables)} runs in {len(board.tables)} table(s), "
           f"{len(board.failed)} failed, {len(board.problems)} problem record(s) -> {out_dir}/README.md, "
           f"leaderboard.csv, leaderboard.html, plots/ ({len(plots)} PNG)")
     if wandb_group and plots:

@@ -223,7 +223,8 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.durations: list[float] = []
-        self._last = ""
+        self._last = self._last_counts = ""
+        self._last_time = 0.0
 
     def event(self, message: str) -> None:
         if self.tty and self._last:
@@ -250,7 +251,11 @@ class Progress:
             return
         if self.tty:
             self.stream.write(f"\r\033[K[{self.label}] {line}")
-        else:
+        else:  # a log file: a line when the counts change, else at most one a minute
+            counts = line.split(", ETA")[0]
+            if counts == self._last_counts and time.monotonic() - self._last_time < 60:
+                return
+            self._last_counts, self._last_time = counts, time.monotonic()
             self.stream.write(f"[{self.label}] {line}\n")
         self._last = line
         self.stream.flush()

@@ -61,7 +61,7 @@ def make_logger(config: RunConfig):
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_SILENT", "true")  # no banner per run: the record and the scheduler say enough
     root = wandb_root()
     root.mkdir(parents=True, exist_ok=True)
     return WandbLogger(
@@ -123,6 +123,7 @@ def log_images(images: dict[str, Path], group: str, job_type: str = "leaderboard
         return None
     import wandb
 
+    os.environ.setdefault("WANDB_SILENT", "true")
     root = wandb_root()
     root.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project_name(), group=group, job_type=job_type, name=f"{group}-{job_type}",
