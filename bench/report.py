@@ -8,48 +8,14 @@ runs table, all over the W&B runs of the suite's group.
 """
 from __future__ import annotations
 
-import netrc
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
-from bench.wandb_logging import offline_runs, project_name, wandb_mode, wandb_root
+from bench.wandb_logging import offline_runs, online_problem, project_name, wandb_mode, wandb_root
 
 LOCAL_LEADERBOARD = Path("leaderboard/leaderboard.html")
-
-
-def api_host() -> str:
-    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-
-
-def has_api_key() -> bool:
-    """A key in ``WANDB_API_KEY`` or in ~/.netrc for the W&B host (where ``wandb login`` puts it)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators(api_host()) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def can_reach(host: str, timeout: float = 5.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def online_problem() -> str | None:
-    """Why W&B cannot be reached from here, or None when a key and the network are present."""
-    if not has_api_key():
-        return "no W&B API key: set WANDB_API_KEY or run `.venv/bin/wandb login`"
-    if not can_reach(api_host()):
-        return f"cannot reach {api_host()}:443 (no network?)"
-    return None
 
 
 def unsynced_runs() -> list[Path]:

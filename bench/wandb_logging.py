@@ -13,11 +13,15 @@ any network, so tests and ``make wandb-sync`` can see what a run holds.
 from __future__ import annotations
 
 import json
+import netrc
 import os
+import socket
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from bench.config import RunConfig
 from bench.records import CorruptRecordError, read_record
@@ -53,11 +57,48 @@ def table_name(config: dict[str, Any]) -> str:
     return "-".join(parts + [f"{config['ways']}w{config['shots']}s"])
 
 
+def api_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
+def has_api_key() -> bool:
+    """A key in ``WANDB_API_KEY`` or in ~/.netrc for the W&B host (where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(api_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def can_reach(host: str, timeout: float = 5.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def online_problem() -> str | None:
+    """Why W&B cannot be reached from here, or None when a key and the network are present."""
+    if not has_api_key():
+        return "no W&B API key: set WANDB_API_KEY or run `.venv/bin/wandb login`"
+    if not can_reach(api_host()):
+        return f"cannot reach {api_host()}:443 (no network?)"
+    return None
+
+
 def make_logger(config: RunConfig):
-    """A ``WandbLogger`` for ``config``, or None when ``WANDB_MODE=disabled``."""
+    """A ``WandbLogger`` for ``config``, or None when ``WANDB_MODE=disabled`` (online without key or network: offline)."""
     mode = wandb_mode()
     if mode == "disabled":
         return None
+    if mode == "online":
+        problem = online_problem()
+        if problem:  # a result never depends on W&B: log offline, sync later
+            print(f"W&B: {problem}; logging this run offline instead (upload later with `make wandb-sync`)",
+                  file=sys.stderr)
+            mode = "offline"
     from pytorch_lightning.loggers import WandbLogger
 
     os.environ["WANDB_MODE"] = mode

@@ -21,7 +21,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_PROJECT", "metabench-test")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key
     return tmp_path / "wb"
 
 
@@ -66,6 +66,13 @@ def test_disabled_mode_logs_nothing_and_bad_mode_is_named(monkeypatch, tmp_path)
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
         wandb_mode()
+
+
+def test_online_without_a_key_logs_offline_instead(offline, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    logger = make_logger(RunConfig(algorithm="protonet"))
+    assert logger is not None and wandb_mode() == "offline"
+    assert "no W&B API key" in capsys.readouterr().err
 
 
 def test_leaderboard_plots_are_logged_as_images(offline, tmp_path):
