@@ -9,6 +9,8 @@ dropped silently.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,10 @@ class Entry:
 
     @property
     def budget(self) -> str:
+        """Training steps × episodes per step (or × images per mini-batch for batch-trained baselines)."""
+        args = self.config.get("dataset_args") or {}
+        if args.get("train_mode") == "batches":
+            return f"{self.config['steps']} × batch {args.get('batch_size', 'default')}"
         return f"{self.config['steps']} × {self.config['meta_batch']}"
 
     @property
@@ -116,16 +122,42 @@ class Leaderboard:
     record_count: int
 
 
+# Data-module arguments that change how a model is trained, not which test episodes it sees.
+TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "crop_padding", "download",
+                                "normalization"})
+
+
+@functools.lru_cache(maxsize=None)
+def dataset_defaults(dataset: str) -> tuple[tuple[str, Any], ...]:
+    """The protocol arguments of a data module with their defaults (e.g. Omniglot's split="vinyals")."""
+    from datamodules import datamodule_class
+
+    try:
+        parameters = inspect.signature(datamodule_class(dataset).__init__).parameters.values()
+    except Exception:  # an unknown or broken dataset: records still show, grouped by what they state
+        return ()
+    return tuple((p.name, p.default) for p in parameters
+                 if p.default is not inspect.Parameter.empty and p.name not in TRAINING_ONLY_ARGS)
+
+
+def protocol_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's data-module arguments that decide its test episodes, defaults filled in."""
+    given = {k: v for k, v in (config.get("dataset_args") or {}).items() if k not in TRAINING_ONLY_ARGS}
+    return {**dict(dataset_defaults(config["dataset"])), **given}
+
+
 def protocol_key(record: dict[str, Any]) -> tuple:
     """What must be equal for two runs to have seen the identical test episodes."""
     config = record["config"]
-    args = tuple(sorted((k, str(v)) for k, v in (config.get("dataset_args") or {}).items()))
+    args = tuple(sorted((k, str(v)) for k, v in protocol_arguments(config).items()))
     return (config["dataset"], args, config["ways"], config["shots"], config["queries"], config["test_episodes"],
             record.get("metric"))
 
 
 def _title_and_slug(key: tuple) -> tuple[str, str]:
-    dataset, args, ways, shots, queries, episodes, metric = key
+    dataset, all_args, ways, shots, queries, episodes, metric = key
+    defaults = {k: str(v) for k, v in dataset_defaults(dataset)}
+    args = [(k, v) for k, v in all_args if k == "split" or defaults.get(k) != v]  # shown: split and non-defaults
     arguments = ", ".join(f"{k}={v}" for k, v in args)
     score = "accuracy %" if metric == "acc" else f"{str(metric).upper()}, lower is better"
     title = (f"{dataset}{f' ({arguments})' if arguments else ''}: {ways}-way {shots}-shot"
@@ -154,7 +186,7 @@ def load_papers(path: Path | None = None) -> dict[str, Any]:
 def paper_numbers(papers: dict[str, Any], config: dict[str, Any]) -> dict[str, PaperNumber]:
     """Algorithm -> published number for this run's protocol (dataset, its arguments, setting)."""
     setting = f"{config['ways']}w{config['shots']}s"
-    args = config.get("dataset_args") or {}
+    args = protocol_arguments(config)
     for benchmark in papers["benchmarks"].values():
         match = dict(benchmark.get("match") or {})
         if match.pop("dataset", None) != config["dataset"] or any(args.get(k) != v for k, v in match.items()):

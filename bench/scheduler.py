@@ -177,8 +177,8 @@ class SubprocessLauncher:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, "-m", "bench", "run", "--config", str(config_path),
                    "--results", str(job.results), "--no-progress"]
-        with open(job.log_path, "w") as log:
-            return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        with open(job.log_path, "w") as log:  # same working directory: relative paths mean the same
+            return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, pass_fds=(job.lock.fd,))
 
 
