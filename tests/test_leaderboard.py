@@ -105,3 +105,17 @@ def test_papers_file_is_valid_and_bad_entries_are_named(tmp_path):
                    "    results: {5w1s: {protonet: {value: 1, cite: nope}}}\n")
     with pytest.raises(ValueError, match="x/5w1s/protonet needs"):
         load_papers(bad)
+
+
+def test_runs_on_default_episodes_share_a_table_and_training_only_arguments_do_not_split_it(tmp_path):
+    add_record(tmp_path, "maml", scores(0.9), dataset_args={})  # split defaults to vinyals
+    add_record(tmp_path, "baselinepp", scores(0.8), dataset_args={"split": "vinyals", "train_mode": "batches",
+                                                                   "batch_size": 16})
+    add_record(tmp_path, "protonet", scores(0.9), dataset_args={"split": "lake"})
+    board = collect(tmp_path, load_papers())
+    assert [t.slug for t in board.tables] == ["omniglot-lake-5w1s-15q-100ep", "omniglot-vinyals-5w1s-15q-100ep"]
+    vinyals = board.tables[1]
+    assert sorted(e.algorithm for e in vinyals.entries) == ["baselinepp", "maml"]
+    assert next(e for e in vinyals.entries if e.algorithm == "maml").paper.value == 98.7
+    assert next(e for e in vinyals.entries if e.algorithm == "baselinepp").budget == "100 × batch 16"
+    assert board.tables[0].entries[0].paper is None  # no published Lake 5-way number
