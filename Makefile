@@ -55,16 +55,26 @@ leaderboard: $(STAMP)  ## rebuild leaderboard/README.md, leaderboard.csv, leader
 	$(PY) -m bench leaderboard --records $(RESULTS) --out $(LEADERBOARD)
 
 regress: $(STAMP)  ## run the ci suite and compare with leaderboard/baselines/ci.json (JUNIT=report.xml optional)
-	$(PY) -m bench regress $(POOL) $(if $(JUNIT),--junit $(JUNIT)) $(if $(GITHUB_ACTIONS),--github)
+	$(PY) -m bench regress $(POOL) $(if $(ALGOS),--algorithms $(ALGOS)) $(if $(JUNIT),--junit $(JUNIT)) \
+		$(if $(GITHUB_ACTIONS),--github)
 
-regress-update: $(STAMP)  ## rerun the ci suite and rewrite the regression baseline (review, then commit it)
-	$(PY) -m bench regress --update $(POOL)
+regress-update: $(STAMP)  ## rerun the ci suite, rewrite the baseline (ALGOS=a,b: only theirs); review, commit
+	$(PY) -m bench regress --update $(POOL) $(if $(ALGOS),--algorithms $(ALGOS))
 
 wandb-sync: $(STAMP)  ## upload offline W&B runs (needs WANDB_API_KEY or `wandb login`, and network)
 	$(PY) -m bench wandb-sync
 
 report: $(STAMP)  ## build a W&B report of SUITE (online), else point to leaderboard/leaderboard.html
 	$(PY) -m bench report --suite $(SUITE) --records $(RESULTS)
+
+# Benchmarks against learn2learn (not tests; ~10 min on 2 cores). PERF_ARGS passes options, e.g. --device cuda.
+PERF_ARGS ?=
+.PHONY: perf perf-data
+perf: $(STAMP)  ## speed vs learn2learn: sampler, MAML/FOMAML/ProtoNet, proxy; writes leaderboard/perf.{md,json}
+	$(PY) -m bench.perf $(PERF_ARGS)
+
+perf-data: $(STAMP)  ## episodes/s of our sampler vs learn2learn's TaskDataset; writes leaderboard/perf-data.{md,json}
+	$(PY) -m bench.perf --sections sampling --name perf-data $(PERF_ARGS)
 
 clean:  ## remove caches and scratch outputs (keeps .venv and committed records)
 	rm -rf .cache results lightning_logs wandb .pytest_cache

@@ -85,6 +85,8 @@ def _regress_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--results", type=Path, default=Path("results/regress"),
                         help="scratch folder for the fresh ci records (emptied first)")
     parser.add_argument("--update", action="store_true", help="rewrite the baseline from a fresh run instead")
+    parser.add_argument("--algorithms", default="",
+                        help="comma-separated subset: check (or --update) only these algorithms' runs")
     parser.add_argument("--from-records", type=Path, default=None,
                         help="compare (or --update from) the records in this folder instead of running the suite")
     parser.add_argument("--tolerance", type=float, default=None,

@@ -29,6 +29,7 @@ def write_record(path: Path, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make records unreadable to other users
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle, indent=1, sort_keys=True, allow_nan=True)
             handle.flush()

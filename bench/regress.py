@@ -184,7 +184,7 @@ def fresh_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     from bench.cli import make_scheduler
     from bench.suite import load_suite
 
-    configs = load_suite(args.suite)
+    configs = load_suite(args.suite, chosen_algorithms(args))
     wanted = {config.key() for config in configs}
     if args.from_records:
         found, problems = scan_records(args.from_records)
@@ -196,16 +196,34 @@ def fresh_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     return outcome.records
 
 
+def chosen_algorithms(args: argparse.Namespace) -> list[str] | None:
+    return [a for a in (getattr(args, "algorithms", "") or "").split(",") if a] or None
+
+
+def restricted(baseline: dict[str, Any], algorithms: list[str] | None, keep: bool) -> dict[str, Any]:
+    """The baseline with only (``keep=True``) or without (``keep=False``) the runs of ``algorithms``."""
+    if not algorithms:
+        return baseline if keep else {**baseline, "runs": {}}
+    runs = {key: run for key, run in baseline["runs"].items() if (run["algorithm"] in algorithms) == keep}
+    return {**baseline, "runs": runs}
+
+
 def regress_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    algorithms = chosen_algorithms(args)
     records = fresh_records(args)
     seconds = time.perf_counter() - started
-    if args.update:
-        write_record(args.baseline, make_baseline(records, args.suite))
-        print(f"baseline {args.baseline} rewritten from {len(records)} run(s) of suite {args.suite!r} "
-              f"({seconds:.0f}s); review and commit it")
+    if args.update:  # with --algorithms, only their entries are replaced
+        kept = restricted(load_baseline(args.baseline), algorithms, keep=False)["runs"] if algorithms else {}
+        baseline = make_baseline(records, args.suite)
+        baseline["runs"] = dict(sorted({**kept, **baseline["runs"]}.items(), key=lambda item: item[1]["name"]))
+        write_record(args.baseline, baseline)
+        print(f"baseline {args.baseline} rewritten from {len(records)} run(s) of suite {args.suite!r}"
+              + (f" (algorithms {', '.join(algorithms)}; other entries kept)" if algorithms else "")
+              + f" ({seconds:.0f}s); review and commit it")
         return 0
-    findings = compare(records, load_baseline(args.baseline), args.tolerance, args.alpha, args.throughput_tolerance)
+    baseline = restricted(load_baseline(args.baseline), algorithms, keep=True)
+    findings = compare(records, baseline, args.tolerance, args.alpha, args.throughput_tolerance)
     print(text_report(findings, args.alpha))
     print(f"(suite {args.suite!r}: {len(records)} run(s) in {seconds:.0f}s)")
     if args.junit:

@@ -110,3 +110,33 @@ def test_bad_baseline_file_gets_one_clear_error(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         regress.load_baseline(tmp_path / "broken.json")
+
+
+def test_update_of_chosen_algorithms_keeps_the_other_entries(tmp_path, capsys):
+    from bench.records import write_record
+    from bench.suite import expand_suite
+
+    folder = tmp_path / "records"
+    runs = {config.algorithm: config for config in expand_suite(MINI_CI)}
+
+    def write(algorithm: str, scores: list[float]) -> None:
+        config = runs[algorithm]
+        write_record(folder / f"{config.name}.json",
+                     {**record(algorithm, scores), "key": config.key(), "name": config.name,
+                      "config": config.to_dict()})
+
+    write("protonet", BASE)
+    write("maml", BASE)
+    assert regress.regress_command(regress_args(tmp_path, update=True, from_records=folder, in_process=False)) == 0
+    write("protonet", [s - 0.2 for s in BASE])
+    write("maml", [s - 0.2 for s in BASE])
+    update = regress_args(tmp_path, update=True, from_records=folder, algorithms="protonet")
+    assert regress.regress_command(update) == 0
+    baseline = json.loads((tmp_path / "baseline.json").read_text())["runs"]
+    means = {run["algorithm"]: run["mean"] for run in baseline.values()}
+    assert means["protonet"] == pytest.approx(sum(BASE) / len(BASE) - 0.2)  # refreshed
+    assert means["maml"] == pytest.approx(sum(BASE) / len(BASE))  # kept
+    capsys.readouterr()
+    assert regress.regress_command(regress_args(tmp_path, from_records=folder)) == 1
+    assert "REGRESSION: 1 problem(s): maml" in capsys.readouterr().out
+    assert regress.regress_command(regress_args(tmp_path, from_records=folder, algorithms="protonet")) == 0
