@@ -3,7 +3,8 @@
 MAML (second and first order), Meta-SGD and ANIL must give the meta-gradient of learn2learn's
 ``MAML`` / ``MetaSGD`` (ANIL: learn2learn's MAML wrapped around the head, features from the body) to
 1e-5 in float64, on a tiny Conv-4 classifier (BatchNorm on batch statistics) and on a tiny
-regression MLP. The loop path (``vectorize=False``) is checked. Reptile's two outer steps must equal a
+regression MLP, on both the loop path and the vmap path (``vectorize=True``; BatchNorm then runs as
+primitive ops, see :func:`tasks.backbones.primitive_batch_norm`). Reptile's two outer steps must equal a
 hand computation on quadratic losses (a linear model under MSE), and Meta-LSTM's meta-gradient must
 reach every meta-learner parameter and follow the chain rule through its cell update.
 """
@@ -39,11 +40,11 @@ def tiny_episode(problem: str, seed: int = 0) -> Episode:
     return Episode(x[:, :split], y[:, :split], x[:, split:], y[:, split:], torch.arange(TASKS), ways=1)
 
 
-def tiny_task(cls: type[MAML], problem: str, **kwargs) -> MAML:
+def tiny_task(cls: type[MAML], problem: str, vectorize: bool = False, **kwargs) -> MAML:
     torch.manual_seed(1)
     shape = dict(ways=WAYS, image_size=16, hidden=4) if problem == "classification" else dict(in_features=2, hidden=5)
     lr = 0.3 if problem == "classification" else 0.05
-    return cls(problem=problem, inner_lr=lr, inner_steps=2, vectorize=False, **shape, **kwargs).double()
+    return cls(problem=problem, inner_lr=lr, inner_steps=2, vectorize=vectorize, **shape, **kwargs).double()
 
 
 def our_gradients(task: MAML, episode: Episode) -> dict[str, torch.Tensor]:
@@ -73,12 +74,15 @@ def assert_same(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("problem, vectorize", [("classification", False), ("regression", False),
-                                                ("regression", True)])  # vmap: no BatchNorm in the MLP
+PATHS = pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+PROBLEMS = pytest.mark.parametrize("problem", ["classification", "regression"])
+
+
+@PATHS
+@PROBLEMS
 @pytest.mark.parametrize("first_order", [False, True])
 def test_maml_meta_gradient_equals_learn2learn(problem, vectorize, first_order):
-    task = tiny_task(MAML, problem, first_order=first_order)
-    task.vectorize = vectorize
+    task = tiny_task(MAML, problem, vectorize, first_order=first_order)
     episode = tiny_episode(problem)
     reference = copy.deepcopy(task.network)
     wrapped = l2l.algorithms.MAML(reference, lr=task.inner_lr, first_order=first_order)
@@ -95,9 +99,10 @@ def test_first_and_second_order_differ():
                               second["network.backbone.blocks.0.0.weight"], atol=1e-6)
 
 
-@pytest.mark.parametrize("problem", ["classification", "regression"])
-def test_metasgd_meta_gradient_equals_learn2learn(problem):
-    task = tiny_task(MetaSGD, problem)
+@PATHS
+@PROBLEMS
+def test_metasgd_meta_gradient_equals_learn2learn(problem, vectorize):
+    task = tiny_task(MetaSGD, problem, vectorize)
     with torch.no_grad():  # distinct rates per coordinate, so a mix-up of parameters would show
         for rate in task.inner_lrs.values():
             rate.mul_(torch.empty_like(rate).uniform_(0.5, 1.5))
@@ -112,10 +117,11 @@ def test_metasgd_meta_gradient_equals_learn2learn(problem):
     assert_same(our_gradients(task, episode), expected)
 
 
-@pytest.mark.parametrize("problem", ["classification", "regression"])
+@PATHS
+@PROBLEMS
 @pytest.mark.parametrize("first_order", [False, True])
-def test_anil_meta_gradient_equals_learn2learn_head_maml_on_body_features(problem, first_order):
-    task = tiny_task(ANIL, problem, first_order=first_order)
+def test_anil_meta_gradient_equals_learn2learn_head_maml_on_body_features(problem, vectorize, first_order):
+    task = tiny_task(ANIL, problem, vectorize, first_order=first_order)
     episode = tiny_episode(problem)
     body, head = copy.deepcopy(task.network.backbone), copy.deepcopy(task.network.head)
     wrapped = l2l.algorithms.MAML(head, lr=task.inner_lr, first_order=first_order)
