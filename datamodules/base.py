@@ -195,7 +195,7 @@ class EpisodicDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> Episode | LabelledBatch:
         """Gather the pixels of the episode (or supervised batch) indices on the device the batch was moved to."""
         if "labels" in batch:
-            return LabelledBatch(self.normalize(self.store.gather(batch["indices"])), batch["labels"])
+            return LabelledBatch(self.normalize(self.augment(self.store.gather(batch["indices"]))), batch["labels"])
         training = bool((batch["ids"] < 0).all())
         return self.gather(batch["indices"], batch["ids"], self.train_shots if training else self.shots, training)
 
