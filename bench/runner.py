@@ -123,16 +123,20 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
         callbacks: list[pl.Callback] = [timer] if progress else [timer, ValidationLine()]
         trainer = make_trainer(config, callbacks, logger=logger, progress=progress)
         trainer.fit(task, datamodule=datamodule)
+        final_loss = _metric(trainer, "train/loss")  # read before test() replaces the callback metrics
         trainer.test(task, datamodule=datamodule, verbose=False)
         device = task.device
-        episodes_trained = config.steps * config.meta_batch * trainer.world_size
+        # Throughput unit: episodes, or images for algorithms trained on ordinary batches (Baseline).
+        batches = getattr(datamodule, "train_mode", "episodes") == "batches"
+        unit, per_step = ("images", datamodule.batch_size) if batches else ("episodes", config.meta_batch)
+        episodes_trained = trainer.global_step * per_step * trainer.world_size
         record.update({
             "status": "ok",
             "metric": task.score_name,
             "test": task.test_summary,
-            "train": {"steps": trainer.global_step, "episodes": episodes_trained,
+            "train": {"steps": trainer.global_step, "unit": unit, "episodes": episodes_trained,
                       "seconds": timer.train_seconds, "episodes_per_s": episodes_trained / timer.train_seconds,
-                      "final_loss": _metric(trainer, "train/loss")},
+                      "final_loss": final_loss},
             "hardware": hardware(device),
             "peak_memory_bytes": peak_memory_bytes(device),
             "execution": task.execution,
