@@ -38,19 +38,23 @@ def adapt(
     With ``first_order`` the inner gradients are computed off the outer graph (FOMAML).
     """
 
-    def support_loss(adapted: Params) -> torch.Tensor:
-        return loss_fn(functional_call(model, {**frozen, **adapted}, (inputs,)), targets)
+    def support_loss(adapted: Params, context: Params, task_inputs: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, {**context, **adapted}, (task_inputs,)), targets)
 
     for _ in range(steps):
-        if first_order:
-            gradients = grad(support_loss)({name: value.detach() for name, value in fast.items()})
+        if first_order:  # nothing the inner gradient is computed from may carry the outer graph
+            gradients = grad(support_loss)(_detached(fast), _detached(frozen), inputs.detach())
         else:
-            gradients = grad(support_loss)(fast)
+            gradients = grad(support_loss)(fast, frozen, inputs)
         fast = {
             name: value - (step_size[name] if isinstance(step_size, Mapping) else step_size) * gradients[name]
             for name, value in fast.items()
         }
     return fast
+
+
+def _detached(params: Params) -> Params:
+    return {name: value.detach() for name, value in params.items()}
 
 
 def per_task(function: Callable[..., torch.Tensor], vectorize: bool) -> Callable[..., torch.Tensor]:
