@@ -75,3 +75,28 @@ def per_task(function: Callable[..., torch.Tensor], vectorize: bool) -> Callable
         return torch.stack([function(*task) for task in zip(*batched)])
 
     return looped
+
+
+def task_by_task_meta_loss(task_loss: Callable[[int], tuple[torch.Tensor, torch.Tensor]], tasks: int,
+                           parameters: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meta-loss ``sum_t loss_t``, differentiating and freeing each task's graph before the next task runs.
+
+    ``task_loss(t)`` returns task ``t``'s (already weighted) loss and its outputs. Its meta-gradient
+    is taken at once and summed, so only one task's activations are alive at a time -- as in
+    learn2learn's loop, and unlike one backward through a stacked meta-batch, whose activations
+    (all tasks' query sets) would all be kept. Returned: a loss whose value is the meta-loss and
+    whose gradient with respect to ``parameters`` is the summed meta-gradient (a linear surrogate,
+    so an ordinary ``backward()`` -- Lightning's included -- fills ``.grad`` exactly), and the
+    detached outputs stacked over tasks.
+    """
+    total = [torch.zeros_like(p) for p in parameters]
+    losses, outputs = [], []
+    for t in range(tasks):
+        loss, task_outputs = task_loss(t)
+        for accumulated, gradient in zip(total, torch.autograd.grad(loss, parameters, allow_unused=True)):
+            if gradient is not None:
+                accumulated.add_(gradient)
+        losses.append(loss.detach())
+        outputs.append(task_outputs.detach())
+    surrogate = sum((p * g).sum() for p, g in zip(parameters, total))
+    return surrogate - surrogate.detach() + torch.stack(losses).sum(), torch.stack(outputs)

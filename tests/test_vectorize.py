@@ -134,6 +134,34 @@ def test_a_failing_vmap_falls_back_to_the_loop(fresh_choices):
     assert choice.vectorize is False and choice.source.startswith("vmap failed: RuntimeError")
 
 
+class FakeClock:
+    """Stands in for ``time`` in :mod:`tasks.vectorize`: trials advance it by their nominal cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("loop_s, vmap_s, calls, vectorize", [
+    (0.6, 1.5, 2, False),      # a 2.5x gap between long warm-up runs decides at once
+    (0.1, 0.05, 4, True),      # short runs: one timed pair, 2x apart, decides
+    (0.1, 0.11, 6, False),     # close: all repeats run, the faster minimum wins
+])
+def test_auto_measurement_stops_once_the_verdict_is_clear(fresh_choices, monkeypatch, loop_s, vmap_s, calls,
+                                                           vectorize):
+    clock, modes = FakeClock(), []
+    monkeypatch.setattr(vectorize_module, "time", clock)
+
+    def trial(use_vmap: bool) -> None:
+        modes.append(use_vmap)
+        clock.now += vmap_s if use_vmap else loop_s
+
+    choice = vectorize_module.resolve({"case": (loop_s, vmap_s)}, trial, torch.device("cpu"), repeats=2)
+    assert len(modes) == calls and choice.vectorize is vectorize and choice.source == "measured"
+
+
 @pytest.mark.parametrize("population, count", [(4112, 5), (20, 16), (600, 20), (7, 7)])
 def test_distinct_draws_are_distinct_in_range_and_seeded(population, count):
     draws = distinct_draws((64, 3), population, count, seeded_generator(1))
