@@ -163,7 +163,8 @@ def _l2l_name(ours: str) -> str:
 
 
 def same_meta_gradient(datamodule: EpisodicDataModule, tasks: int, hidden: int, first_order: bool,
-                       device: torch.device, vectorize: bool, dtype: torch.dtype) -> dict[str, float]:
+                       device: torch.device, vectorize: bool, dtype: torch.dtype,
+                       channels_last: bool | None = None) -> dict[str, float]:
     """Max |difference| between our and learn2learn's meta-gradients on one meta-batch from the same weights,
     absolute and relative to the largest |meta-gradient| entry.
 
@@ -172,7 +173,7 @@ def same_meta_gradient(datamodule: EpisodicDataModule, tasks: int, hidden: int, 
     """
     import learn2learn as l2l
 
-    task, _ = our_maml(datamodule, tasks, hidden, first_order, device, vectorize=vectorize)
+    task, _ = our_maml(datamodule, tasks, hidden, first_order, device, vectorize=vectorize, channels_last=channels_last)
     task = task.to(dtype)
     episode = our_episodes(datamodule, tasks, device, seed=123)()
     episode.support_x, episode.query_x = episode.support_x.to(dtype), episode.query_x.to(dtype)
@@ -191,4 +192,5 @@ def same_meta_gradient(datamodule: EpisodicDataModule, tasks: int, hidden: int, 
     theirs = [by_name[name] for name in names]
     difference = max(float((a - b).abs().max()) for a, b in zip(ours, theirs))
     scale = max(float(b.abs().max()) for b in theirs)
-    return {"max_abs": difference, "relative": difference / scale, "tasks": tasks, "dtype": str(dtype)}
+    return {"max_abs": difference, "relative": difference / scale, "tasks": tasks, "dtype": str(dtype),
+            "layout": {None: "as benchmarked", True: "channels-last", False: "default"}[channels_last]}

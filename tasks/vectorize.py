@@ -28,6 +28,7 @@ from datamodules.download import cache_root
 
 AUTO = "auto"
 CACHE_FILE = "vectorize.json"
+VERSION = 2  # part of every key: bump when the loop or vmap path changes speed, to measure again
 _MEMORY: dict[str, "VectorizeChoice"] = {}
 
 
@@ -70,7 +71,8 @@ def resolve(key: dict, trial: Callable[[bool], None], device: torch.device, repe
     took over half a second (warm-up costs cannot explain it), or a 1.3x gap between timed runs. If
     vmap fails (an operation without a batching rule), the loop is chosen and the error kept.
     """
-    text = json.dumps({**key, "device": device_description(device), "torch": torch.__version__}, sort_keys=True)
+    text = json.dumps({**key, "device": device_description(device), "torch": torch.__version__, "version": VERSION},
+                      sort_keys=True)
     if text in _MEMORY:
         return _MEMORY[text]
     cached = _read_cache().get(text)

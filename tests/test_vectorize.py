@@ -117,6 +117,21 @@ def test_auto_measures_once_records_the_choice_and_computes_what_the_choice_comp
     assert third.execution["vectorize"]["vectorize"] == choice["vectorize"]
 
 
+def test_runs_record_the_choice_and_a_seed_reproduces_the_run(fresh_choices, tmp_path):
+    from bench.config import RunConfig
+    from bench.runner import run
+
+    config = RunConfig(algorithm="maml", dataset="omniglot", ways=3, shots=1, queries=2, meta_batch=2, eval_batch=5,
+                       steps=2, val_every=2, val_episodes=5, test_episodes=10, seed=1, threads=1,
+                       hparams={"hidden": 4, "test_inner_steps": 1})
+    first = run(config, tmp_path / "a", progress=False)
+    again = run(config, tmp_path / "b", progress=False)
+    choice = first["execution"]["vectorize"]
+    assert choice["mode"] in ("loop", "vmap") and choice["source"] == "measured"
+    assert again["execution"]["vectorize"]["vectorize"] == choice["vectorize"]
+    assert again["test"]["episode_scores"] == first["test"]["episode_scores"]
+
+
 def test_given_modes_are_recorded_and_bad_modes_are_refused():
     assert MAML(vectorize=True, **TINY).execution["vectorize"] == {
         "mode": "vmap", "vectorize": True, "source": "given", "seconds": None}
