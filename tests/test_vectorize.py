@@ -4,7 +4,9 @@
   order, FOMAML, Meta-SGD and ANIL on a Conv-4 with batch-statistics BatchNorm -- the case where
   vmap through PyTorch's fused BatchNorm gets second-order gradients wrong;
 * ``vectorize="auto"`` measures once, remembers its choice (in memory and on disk) and records it;
-* channels-last Conv-4 computes the same function as the default layout;
+* channels-last Conv-4 computes the same function as the default layout, pooling before the ReLU is
+  exactly the conventional block, and the loop's task-by-task meta-gradient equals one backward
+  through all tasks;
 * the sampler's sparse and dense draws are valid, and the one-pass gather equals the old
   gather-then-split.
 """
@@ -81,6 +83,36 @@ def test_channels_last_conv4_computes_the_same_function(channels):
     nhwc(images).square().sum().backward()
     for (name, a), b in zip(default.named_parameters(), nhwc.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_pooling_before_relu_is_the_conventional_block_exactly():
+    torch.manual_seed(0)
+    ours = Conv4(1, 8, 16, track_running_stats=False, channels_last=False)
+    conventional = torch.nn.Sequential(*[torch.nn.Sequential(block[0], block[1], block[3], block[2])
+                                         for block in ours.blocks])  # conv, BatchNorm, ReLU, pool
+    assert isinstance(ours.blocks[0][2], torch.nn.MaxPool2d) and isinstance(ours.blocks[0][3], torch.nn.ReLU)
+    images = torch.randn(6, 1, 16, 16)
+    ours_out, conventional_out = ours(images), conventional(images).flatten(1)
+    assert torch.equal(ours_out, conventional_out)
+    first = torch.autograd.grad(ours_out.square().sum(), list(ours.parameters()))
+    second = torch.autograd.grad(conventional_out.square().sum(), list(ours.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_task_by_task_meta_gradient_equals_one_backward_through_all_tasks(first_order):
+    torch.manual_seed(0)
+    task = MAML(first_order=first_order, vectorize=False, **TINY).double()
+    episode = float64_episode(tasks=3)
+    loss, outputs = task.training_loss(episode)  # per task: meta-gradient taken, graph freed
+    ours = torch.autograd.grad(loss, list(task.parameters()))
+    stacked = task.adapted_query_outputs(episode, task.inner_steps, first_order)
+    reference_loss = task.loss_fn(stacked.flatten(0, 1), episode.query_y.flatten(0, 1))
+    reference = torch.autograd.grad(reference_loss, list(task.parameters()))
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(outputs, stacked.detach(), rtol=0, atol=1e-12)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 @pytest.fixture
