@@ -36,7 +36,8 @@ def _preamble(result: dict) -> str:
     hw, versions, settings, git = result["hardware"], result["versions"], result["settings"], result["git"]
     device = hw.get("gpu") or hw.get("device")
     commit = (git.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
-    return (f"`make perf` on {result['created']}: {hw.get('cpu_model') or hw.get('cpu')} "
+    command = "make perf-data" if settings.get("sections") == ["sampling"] else "make perf"
+    return (f"`{command}` on {result['created']}: {hw.get('cpu_model') or hw.get('cpu')} "
             f"({hw.get('cpu_count')} CPUs, {hw.get('torch_threads')} torch threads), device **{device}**; "
             f"torch {versions.get('torch')}, learn2learn {versions.get('learn2learn')}, commit {commit}. "
             f"Every number is the median of {settings['rounds']} rounds after {settings['warmup']} warm-up "
