@@ -108,9 +108,11 @@ def sampling_section(args: argparse.Namespace, device: torch.device, say) -> dic
         datasets[dataset] = {"label": label, "workloads": [w.name for w in group], "episode": episode,
                              "tasks_per_call": args.meta_batch, "image_shape": list(datamodule.store.image_shape)}
         workloads += group
+    section: dict = {"datasets": datasets, "workloads": {}}
+    if not workloads:
+        return section
     say("[perf] sampling: timing")
     seconds = interleaved(workloads, args.rounds, args.warmup, device, say)
-    section = {"datasets": datasets, "workloads": {}}
     for workload in workloads:
         rates = [workload.units / s for s in seconds[workload.name]]
         section["workloads"][workload.name] = {
