@@ -16,10 +16,11 @@ RESULTS ?= leaderboard/records
 LEADERBOARD ?= leaderboard
 PYTEST_ARGS ?=
 # Device pool of `make bench`/`make regress`: GPUS=0,1,2,3 (one run per GPU; empty = every visible GPU,
-# none = CPU), DEVICES=N (each run trained with DDP on N devices), WORKERS=N (parallel runs on CPU).
+# none = CPU), DEVICES=N (each run trained with DDP on N devices), WORKERS=N (parallel runs on CPU;
+# auto = one one-thread run per core).
 GPUS ?=
 DEVICES ?= 1
-WORKERS ?= 1
+WORKERS ?= auto
 FORCE ?=
 JUNIT ?=
 POOL = --gpus "$(GPUS)" --devices $(DEVICES) --workers $(WORKERS)

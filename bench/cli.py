@@ -47,13 +47,24 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _workers(text: str) -> int | None:
+    """``--workers``: a positive count, or ``auto`` (None)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"WORKERS={text!r}: give a number of parallel runs or 'auto'") from None
+
+
 def _pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default=os.environ.get("GPUS", ""),
                         help="GPU ids for the pool, e.g. 0,1,2,3 (default: every visible GPU; 'none' for CPU)")
     parser.add_argument("--devices", type=int, default=int(os.environ.get("DEVICES") or 1),
                         help="devices per run: > 1 trains each run with DDP over that many GPUs/processes")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 1),
-                        help="parallel runs on CPU (threads are split between them)")
+    parser.add_argument("--workers", type=_workers, default=_workers(os.environ.get("WORKERS") or "auto"),
+                        help="parallel runs on CPU, threads split between them (default auto: one per core, "
+                             "at most one per run)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every run inside this process, one at a time (debugging)")
 
@@ -121,7 +132,7 @@ def make_scheduler(configs: list[RunConfig], results: Path, args: argparse.Names
     if args.in_process:
         slots = device_slots([], devices=1, workers=1)
         return Scheduler(configs, results, slots, InProcessLauncher(), force=force, label=label)
-    slots = device_slots(parse_gpus(args.gpus), devices=args.devices, workers=args.workers)
+    slots = device_slots(parse_gpus(args.gpus), devices=args.devices, workers=args.workers, runs=len(configs))
     return Scheduler(configs, results, slots, force=force, label=label)
 
 

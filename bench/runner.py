@@ -15,6 +15,7 @@ from bench.config import RunConfig
 from bench.records import SCHEMA, git_state, hardware, now_iso, package_versions, write_record
 from datamodules import datamodule_class
 from datamodules.base import EpisodicDataModule
+from datamodules.episodes import episodes_fingerprint
 from tasks import algorithm_class
 from tasks.base import EpisodicTask
 
@@ -133,7 +134,7 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
         record.update({
             "status": "ok",
             "metric": task.score_name,
-            "test": task.test_summary,
+            "test": {**task.test_summary, "episodes_sha1": episodes_fingerprint(datamodule.episodes["test"])},
             "train": {"steps": trainer.global_step, "unit": unit, "episodes": episodes_trained,
                       "seconds": timer.train_seconds, "episodes_per_s": episodes_trained / timer.train_seconds,
                       "final_loss": final_loss},

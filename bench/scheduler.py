@@ -71,12 +71,18 @@ def parse_gpus(gpus: str | None) -> list[str]:
     return ids
 
 
-def device_slots(gpu_ids: list[str], devices: int = 1, workers: int = 1, cpu_count: int | None = None) -> list[Slot]:
+def device_slots(gpu_ids: list[str], devices: int = 1, workers: int | None = 1, cpu_count: int | None = None,
+                 runs: int | None = None) -> list[Slot]:
     """The slots of a device pool.
 
     With GPUs: ``len(gpu_ids) // devices`` slots of ``devices`` GPUs each. Without: ``workers`` CPU
     slots, each run using ``devices`` processes (DDP over gloo when > 1) and an even share of the cores.
+    ``workers=None`` (auto) gives one slot per core, at most one per run (``runs``): a Conv-4 run on one
+    thread is faster per core than on two, so parallel one-thread runs finish a suite soonest.
     """
+    cores = cpu_count or os.cpu_count() or 1
+    if workers is None:
+        workers = max(1, min(cores // max(devices, 1), runs or cores))
     if devices < 1 or workers < 1:
         raise ValueError(f"DEVICES and WORKERS must be at least 1 (got DEVICES={devices}, WORKERS={workers})")
     if gpu_ids:
@@ -86,7 +92,6 @@ def device_slots(gpu_ids: list[str], devices: int = 1, workers: int = 1, cpu_cou
         groups = [gpu_ids[i:i + devices] for i in range(0, len(gpu_ids), devices)]
         return [Slot(f"gpu{'+'.join(group)}", "gpu", devices, None, {"CUDA_VISIBLE_DEVICES": ",".join(group)})
                 for group in groups]
-    cores = cpu_count or os.cpu_count() or 1
     threads = max(1, cores // (workers * devices))
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return [Slot(f"cpu{index}", "cpu", devices, threads, env) for index in range(workers)]

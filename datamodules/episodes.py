@@ -6,6 +6,7 @@ whole meta-batch is a handful of tensor ops, whatever its size: no Python runs p
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -189,3 +190,15 @@ def fixed_episodes(sampler: EpisodeSampler, count: int, seed: int) -> torch.Tens
     generator = seeded_generator(seed, sampler.ways, sampler.shots, sampler.queries)
     chunks = [sampler.sample(min(256, count - start), generator) for start in range(0, count, 256)]
     return torch.cat(chunks) if chunks else torch.empty(0, sampler.ways, sampler.examples_per_class, dtype=torch.long)
+
+
+def episodes_fingerprint(episodes: torch.Tensor) -> str:
+    """A short SHA-1 of fixed evaluation episodes (their shape, dtype and values).
+
+    Two records with the same fingerprint were scored on the identical episodes, so the leaderboard
+    may compare them episode by episode; a change to the sampler that alters them changes it.
+    """
+    tensor = episodes.detach().cpu().contiguous()
+    digest = hashlib.sha1(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -113,6 +113,13 @@ def test_cpu_pool_splits_threads():
         device_slots([], workers=0)
 
 
+def test_auto_workers_one_thread_run_per_core_at_most_one_per_run():
+    assert [(s.name, s.threads) for s in device_slots([], workers=None, cpu_count=2, runs=2)] == \
+        [("cpu0", 1), ("cpu1", 1)]
+    assert [(s.name, s.threads) for s in device_slots([], workers=None, cpu_count=2, runs=1)] == [("cpu0", 2)]
+    assert len(device_slots([], workers=None, cpu_count=8, devices=2, runs=10)) == 4
+
+
 # -- scheduling logic ------------------------------------------------------------------------------------
 def test_runs_spread_over_free_slots_and_all_finish(tmp_path):
     runs = configs(10)
