@@ -37,10 +37,11 @@ class RunConfig:
     suite: str = "adhoc"
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     threads: int | None = None
 
     # Fields that do not change what is computed (where and how fast it runs).
-    EXECUTION_FIELDS = ("suite", "accelerator", "devices", "threads")
+    EXECUTION_FIELDS = ("suite", "accelerator", "devices", "num_nodes", "threads")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":

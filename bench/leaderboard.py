@@ -1,8 +1,9 @@
 """The leaderboard: a pure function of the run records (plus the published numbers in papers.yaml).
 
 Records are grouped into tables by evaluation protocol (dataset and its arguments, ways, shots,
-queries, number of test episodes): within a table every run was tested on the identical fixed
-episodes, so each entry is compared with the table's best entry episode by episode
+queries, number of test episodes) and by the fingerprint of the test episodes the run recorded:
+within a table every run was tested on the identical fixed episodes (a sampler change that alters
+them starts a new table instead of mixing episode sets), so each entry is compared with the table's best entry episode by episode
 (:mod:`bench.stats`). :func:`build_leaderboard` writes README.md, leaderboard.csv,
 leaderboard.html and plots/*.png; corrupt or partial records and failed runs are listed, never
 dropped silently.
@@ -39,6 +40,7 @@ class Entry:
     paper: PaperNumber | None = None
     p_vs_best: float | None = None  # None for the best entry itself
     rank: int = 0
+    error_rate: bool = False  # show 100 - accuracy (the protocol's papers report error rates)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -58,8 +60,10 @@ class Entry:
 
     @property
     def shown_mean(self) -> float:
-        """The mean in the unit tables show: percent for accuracy, raw for MSE."""
-        return 100 * self.mean if self.record.get("metric") == "acc" else self.mean
+        """The mean in the unit tables show: percent for accuracy (or error rate), raw for MSE."""
+        if self.record.get("metric") != "acc":
+            return self.mean
+        return 100 * (1 - self.mean) if self.error_rate else 100 * self.mean
 
     @property
     def shown_ci95(self) -> float:
@@ -101,6 +105,7 @@ class Table:
     metric: str
     entries: list[Entry] = field(default_factory=list)
     papers: dict[str, PaperNumber] = field(default_factory=dict)  # published numbers of this protocol
+    error_rate: bool = False  # accuracy tables of protocols whose papers report error rates show those
 
     @property
     def references(self) -> dict[str, PaperNumber]:
@@ -151,11 +156,11 @@ def protocol_key(record: dict[str, Any]) -> tuple:
     config = record["config"]
     args = tuple(sorted((k, str(v)) for k, v in protocol_arguments(config).items()))
     return (config["dataset"], args, config["ways"], config["shots"], config["queries"], config["test_episodes"],
-            record.get("metric"))
+            record.get("metric"), record["test"]["episodes_sha1"])
 
 
 def _title_and_slug(key: tuple) -> tuple[str, str]:
-    dataset, all_args, ways, shots, queries, episodes, metric = key
+    dataset, all_args, ways, shots, queries, episodes, metric, _ = key
     defaults = {k: str(v) for k, v in dataset_defaults(dataset)}
     args = [(k, v) for k, v in all_args if k == "split" or defaults.get(k) != v]  # shown: split and non-defaults
     arguments = ", ".join(f"{k}={v}" for k, v in args)
@@ -183,17 +188,21 @@ def load_papers(path: Path | None = None) -> dict[str, Any]:
     return {"citations": citations, "benchmarks": benchmarks}
 
 
-def paper_numbers(papers: dict[str, Any], config: dict[str, Any]) -> dict[str, PaperNumber]:
-    """Algorithm -> published number for this run's protocol (dataset, its arguments, setting)."""
-    setting = f"{config['ways']}w{config['shots']}s"
+def paper_benchmark(papers: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The papers.yaml benchmark whose ``match`` fits this run's protocol (empty if none)."""
     args = protocol_arguments(config)
     for benchmark in papers["benchmarks"].values():
         match = dict(benchmark.get("match") or {})
-        if match.pop("dataset", None) != config["dataset"] or any(args.get(k) != v for k, v in match.items()):
-            continue
-        numbers = (benchmark.get("results") or {}).get(setting) or {}
-        return {algorithm: PaperNumber(float(n["value"]), n["cite"], n.get("note", "")) for algorithm, n in numbers.items()}
+        if match.pop("dataset", None) == config["dataset"] and all(args.get(k) == v for k, v in match.items()):
+            return benchmark
     return {}
+
+
+def paper_numbers(papers: dict[str, Any], config: dict[str, Any]) -> dict[str, PaperNumber]:
+    """Algorithm -> published number for this run's protocol (dataset, its arguments, setting)."""
+    setting = f"{config['ways']}w{config['shots']}s"
+    numbers = (paper_benchmark(papers, config).get("results") or {}).get(setting) or {}
+    return {algorithm: PaperNumber(float(n["value"]), n["cite"], n.get("note", "")) for algorithm, n in numbers.items()}
 
 
 def rank_table(table: Table) -> None:
@@ -220,13 +229,26 @@ def collect(records_dir: Path, papers: dict[str, Any]) -> Leaderboard:
         if not test.get("episode_scores") or test.get("mean") is None:
             problems.append(f"{path}: status ok but no per-episode test scores; delete it and rerun the run")
             continue
+        if not test.get("episodes_sha1"):
+            problems.append(f"{path}: no fingerprint of its test episodes (recorded before they were kept), so it "
+                            "cannot be paired with other runs; run scripts/fingerprint_records.py or rerun it")
+            continue
         key = protocol_key(record)
         if key not in tables:
             title, slug = _title_and_slug(key)
-            tables[key] = Table(key, title, slug, record.get("metric") or "acc",
-                                papers=paper_numbers(papers, record["config"]))
+            error_rate = key[-2] == "acc" and paper_benchmark(papers, record["config"]).get("report") == "error_rate"
+            if error_rate:
+                title = title.replace("(accuracy %)", "(error rate %, lower is better)")
+            tables[key] = Table(key, title + f" · episode set {key[-1][:8]}", slug, record.get("metric") or "acc",
+                                papers=paper_numbers(papers, record["config"]), error_rate=error_rate)
         table = tables[key]
-        table.entries.append(Entry(record, table.papers.get(record["config"]["algorithm"])))
+        table.entries.append(Entry(record, table.papers.get(record["config"]["algorithm"]), error_rate=table.error_rate))
+    slug_counts: dict[str, int] = {}
+    for table in tables.values():
+        slug_counts[table.slug] = slug_counts.get(table.slug, 0) + 1
+    for table in tables.values():  # the same protocol on two episode sets: name the set in the file names
+        if slug_counts[table.slug] > 1:
+            table.slug += f"-{table.key[-1][:8]}"
     ordered = sorted(tables.values(), key=lambda t: t.slug)
     for table in ordered:
         rank_table(table)

@@ -6,7 +6,8 @@ its mean test score dropped by more than the tolerance AND the paired test says 
 significant (p < alpha): accuracy may not fall by more than 0.02 (2 points, absolute); MSE may not
 rise by more than 10% (relative). A training-throughput drop beyond a generous tolerance (50%; CI
 machines are noisy and shared) is only a warning. Runs without a baseline (the suite changed) and
-baseline runs without a fresh run are errors: ``make regress-update`` rewrites the baseline, deliberately.
+baseline runs without a fresh run are errors, and so is a run tested on other episodes than its
+baseline (their fingerprints differ): ``make regress-update`` rewrites the baseline, deliberately.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def baseline_entry(record: dict[str, Any]) -> dict[str, Any]:
     """What the baseline keeps of a record: its scores per episode, mean, throughput and hardware."""
     test = record["test"]
     return {"name": record["name"], "algorithm": record["config"]["algorithm"], "metric": record["metric"],
-            "mean": test["mean"], "ci95": test["ci95"], "episode_ids": test["episode_ids"],
+            "mean": test["mean"], "ci95": test["ci95"], "episodes_sha1": test.get("episodes_sha1"),
+            "episode_ids": test["episode_ids"],
             "episode_scores": test["episode_scores"], "episodes_per_s": record["train"]["episodes_per_s"],
             "hardware": record.get("hardware"), "config": record["config"]}
 
@@ -91,6 +93,11 @@ def compare_run(record: dict[str, Any], base: dict[str, Any], tolerance: float |
     name, algorithm = record.get("name", record["key"]), record["config"]["algorithm"]
     if record.get("status") != "ok":
         return [Finding(name, algorithm, "fail", f"the run failed: {record.get('error', '?')}")]
+    sha1, base_sha1 = (record.get("test") or {}).get("episodes_sha1"), base.get("episodes_sha1")
+    if sha1 != base_sha1:
+        return [Finding(name, algorithm, "error",
+                        f"tested on other episodes than the baseline (fingerprint {sha1} vs {base_sha1}): the "
+                        "sampler or data changed, so scores cannot be paired; run `make regress-update` and review")]
     metric = record.get("metric") or "acc"
     limit = TOLERANCE.get(metric, 0.02) if tolerance is None else tolerance
     comparison = compare_paired(episode_scores(record), scores_by_episode(base["episode_ids"], base["episode_scores"]))

@@ -15,7 +15,7 @@ def scores(base: float, count: int = 100, spread: float = 0.2) -> list[float]:
     return [min(1.0, max(0.0, base + spread * (((i * 37) % 11) / 10 - 0.5))) for i in range(count)]
 
 
-def add_record(folder, algorithm, values, metric="acc", status="ok", **fields) -> dict:
+def add_record(folder, algorithm, values, metric="acc", status="ok", episodes_sha1="e" * 16, **fields) -> dict:
     config = RunConfig(**{"algorithm": algorithm, "dataset": "omniglot", "dataset_args": {"split": "vinyals"},
                           "test_episodes": len(values), "steps": 100, "meta_batch": 4, "suite": "unit", **fields})
     record = {"schema": SCHEMA, "status": status, "key": config.key(), "name": config.name,
@@ -23,7 +23,8 @@ def add_record(folder, algorithm, values, metric="acc", status="ok", **fields) -
               "hardware": {"cpu": "x86_64", "cpu_model": "Test CPU", "torch_threads": 1, "device": "cpu"}}
     if status == "ok":
         record.update(test={"mean": sum(values) / len(values), "ci95": 0.01, "std": 0.05, "episodes": len(values),
-                            "episode_ids": list(range(len(values))), "episode_scores": values},
+                            "episode_ids": list(range(len(values))), "episode_scores": values,
+                            "episodes_sha1": episodes_sha1},
                       train={"steps": 100, "seconds": 10.0 + len(algorithm), "episodes_per_s": 40.0})
     else:
         record["error"] = "NonFiniteLossError: loss became nan at step 3"
@@ -119,3 +120,26 @@ def test_runs_on_default_episodes_share_a_table_and_training_only_arguments_do_n
     assert next(e for e in vinyals.entries if e.algorithm == "maml").paper.value == 98.7
     assert next(e for e in vinyals.entries if e.algorithm == "baselinepp").budget == "100 × batch 16"
     assert board.tables[0].entries[0].paper is None  # no published Lake 5-way number
+
+
+def test_runs_on_different_episode_sets_never_share_a_table(tmp_path):
+    add_record(tmp_path, "protonet", scores(0.98), episodes_sha1="a" * 16)
+    add_record(tmp_path, "maml", scores(0.90), episodes_sha1="b" * 16)  # same protocol, other sampler version
+    add_record(tmp_path, "matching", scores(0.90), episodes_sha1="")  # recorded before fingerprints
+    board = collect(tmp_path, load_papers())
+    assert [(t.slug, [e.algorithm for e in t.entries]) for t in board.tables] == [
+        ("omniglot-vinyals-5w1s-15q-100ep-aaaaaaaa", ["protonet"]),
+        ("omniglot-vinyals-5w1s-15q-100ep-bbbbbbbb", ["maml"])]
+    assert all(t.title.endswith(f"episode set {t.key[-1][:8]}") for t in board.tables)
+    assert len(board.problems) == 1 and "matching" in board.problems[0] and "fingerprint" in board.problems[0]
+
+
+def test_lake_within_alphabet_table_reports_error_rates_next_to_lake_and_koch(tmp_path):
+    add_record(tmp_path, "protonet", scores(0.95, spread=0.04), ways=20,
+               dataset_args={"split": "lake", "within_alphabet": True})
+    board = collect(tmp_path, load_papers())
+    (table,) = board.tables
+    assert table.error_rate and "error rate %, lower is better" in table.title
+    (entry,) = table.entries
+    assert entry.shown_mean == pytest.approx(100 * (1 - entry.mean))
+    assert {name: number.value for name, number in table.references.items()} == {"human": 4.5, "siamese": 8.0}

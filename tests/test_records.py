@@ -76,3 +76,10 @@ def test_record_key_from_filename():
     config = RunConfig(algorithm="protonet")
     assert record_key_from_filename(f"{config.name}.json") == config.key()
     assert record_key_from_filename("notes.json") is None
+
+
+def test_where_a_run_executes_does_not_change_its_key():
+    base = RunConfig(algorithm="maml")
+    for where in ({"devices": 4}, {"num_nodes": 2}, {"threads": 1}, {"accelerator": "gpu"}, {"suite": "other"}):
+        assert RunConfig(algorithm="maml", **where).key() == base.key(), where
+    assert RunConfig(algorithm="maml", steps=7).key() != base.key()

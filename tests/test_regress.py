@@ -61,12 +61,13 @@ def test_planted_regression_fails_naming_the_algorithm_and_unmodified_code_passe
 
 
 # -- the comparison on synthetic records (fast, exact) -------------------------------------------------------
-def record(algorithm: str, scores: list[float], speed: float = 100.0, status: str = "ok", seed: int = 0) -> dict:
+def record(algorithm: str, scores: list[float], speed: float = 100.0, status: str = "ok", seed: int = 0,
+           episodes_sha1: str = "f" * 16) -> dict:
     config = RunConfig(algorithm=algorithm, seed=seed, test_episodes=len(scores))
     mean = sum(scores) / len(scores)
     return {"schema": SCHEMA, "status": status, "key": config.key(), "name": config.name, "config": config.to_dict(),
             "metric": "acc", "test": {"mean": mean, "ci95": 0.01, "episode_ids": list(range(len(scores))),
-                                      "episode_scores": scores},
+                                      "episode_scores": scores, "episodes_sha1": episodes_sha1},
             "train": {"episodes_per_s": speed}, "hardware": {"cpu": "test"}}
 
 
@@ -140,3 +141,10 @@ def test_update_of_chosen_algorithms_keeps_the_other_entries(tmp_path, capsys):
     assert regress.regress_command(regress_args(tmp_path, from_records=folder)) == 1
     assert "REGRESSION: 1 problem(s): maml" in capsys.readouterr().out
     assert regress.regress_command(regress_args(tmp_path, from_records=folder, algorithms="protonet")) == 0
+
+
+def test_runs_tested_on_other_episodes_than_the_baseline_are_errors():
+    baseline = regress.make_baseline([record("protonet", BASE)], "ci")
+    findings = regress.compare([record("protonet", BASE, episodes_sha1="0" * 16)], baseline)
+    assert [f.status for f in findings] == ["error"]
+    assert "other episodes" in findings[0].message and "regress-update" in findings[0].message
