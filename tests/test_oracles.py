@@ -78,6 +78,13 @@ PATHS = pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"]
 PROBLEMS = pytest.mark.parametrize("problem", ["classification", "regression"])
 
 
+def learn2learn_maml_backward(adapted: torch.nn.Module, task, episode: Episode, first_order: bool,
+                              features: torch.nn.Module | None = None) -> None:
+    """learn2learn's MAML meta-loss of ``adapted`` (on ``features`` of the images, if given), backpropagated."""
+    wrapped = l2l.algorithms.MAML(adapted, lr=task.inner_lr, first_order=first_order)
+    reference_meta_loss(wrapped, episode, task.inner_steps, task.loss_fn, features=features).backward()
+
+
 @PATHS
 @PROBLEMS
 @pytest.mark.parametrize("first_order", [False, True])
@@ -85,8 +92,7 @@ def test_maml_meta_gradient_equals_learn2learn(problem, vectorize, first_order):
     task = tiny_task(MAML, problem, vectorize, first_order=first_order)
     episode = tiny_episode(problem)
     reference = copy.deepcopy(task.network)
-    wrapped = l2l.algorithms.MAML(reference, lr=task.inner_lr, first_order=first_order)
-    reference_meta_loss(wrapped, episode, task.inner_steps, task.loss_fn).backward()
+    learn2learn_maml_backward(reference, task, episode, first_order)
     assert_same(our_gradients(task, episode),
                 {f"network.{name}": p.grad for name, p in reference.named_parameters()})
 
@@ -124,8 +130,7 @@ def test_anil_meta_gradient_equals_learn2learn_head_maml_on_body_features(proble
     task = tiny_task(ANIL, problem, vectorize, first_order=first_order)
     episode = tiny_episode(problem)
     body, head = copy.deepcopy(task.network.backbone), copy.deepcopy(task.network.head)
-    wrapped = l2l.algorithms.MAML(head, lr=task.inner_lr, first_order=first_order)
-    reference_meta_loss(wrapped, episode, task.inner_steps, task.loss_fn, features=body).backward()
+    learn2learn_maml_backward(head, task, episode, first_order, features=body)
     expected = {f"network.backbone.{name}": p.grad for name, p in body.named_parameters()}
     expected.update({f"network.head.{name}": p.grad for name, p in head.named_parameters()})
     assert_same(our_gradients(task, episode), expected)
