@@ -129,7 +129,7 @@ class Leaderboard:
 
 # Data-module arguments that change how a model is trained, not which test episodes it sees.
 TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "crop_padding", "download",
-                                "normalization"})
+                                "normalization", "train_rotations"})
 
 
 @functools.lru_cache(maxsize=None)

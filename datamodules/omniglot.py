@@ -122,17 +122,22 @@ class OmniglotDataModule(EpisodicDataModule):
     """N-way K-shot Omniglot episodes; ``split`` is ``"vinyals"`` or ``"lake"`` (see module doc).
 
     ``within_alphabet`` (Lake split only): evaluation episodes draw all classes from one alphabet.
+    ``train_rotations`` (Lake split only): the 90/180/270-degree rotations of the background characters
+    are extra training classes, the augmentation of Santoro et al. 2016 and Vinyals et al. 2016; the
+    evaluation characters stay unrotated, so the test episodes do not change.
     """
 
     def __init__(self, split: str = "vinyals", image_size: int = 28, download: bool = True,
-                 within_alphabet: bool = False, **episode_args) -> None:
+                 within_alphabet: bool = False, train_rotations: bool = False, **episode_args) -> None:
         if split not in ("vinyals", "lake"):
             raise DataError(f"unknown Omniglot split {split!r}: use 'vinyals' or 'lake'")
-        if within_alphabet and split != "lake":
-            raise DataError("within_alphabet=True is the Lake et al. 2015 protocol: use it with split='lake'")
+        for option, value in (("within_alphabet", within_alphabet), ("train_rotations", train_rotations)):
+            if value and split != "lake":
+                raise DataError(f"{option}=True belongs to the Lake et al. 2015 protocol: use it with split='lake' "
+                                "(the Vinyals split always has rotations as classes)")
         super().__init__(**episode_args)
         self.split, self.image_size, self.download = split, image_size, download
-        self.within_alphabet = within_alphabet
+        self.within_alphabet, self.train_rotations = within_alphabet, train_rotations
 
     @property
     def name(self) -> str:
@@ -163,6 +168,8 @@ class OmniglotDataModule(EpisodicDataModule):
             part_sizes = EXPECTED["images_background"][1]
             characters = torch.arange(part_sizes) if split == "train" else \
                 torch.arange(part_sizes, part_sizes + EXPECTED["images_evaluation"][1])
+            if split == "train" and self.train_rotations:
+                return (characters[:, None] * ROTATIONS + torch.arange(ROTATIONS)).flatten()
             return characters * ROTATIONS
         lines = self._vinyals_lines(split)
         index = {name: i for i, name in enumerate(self.store.class_names)}

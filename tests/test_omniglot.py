@@ -43,6 +43,20 @@ def test_lake_split_uses_background_for_training_and_evaluation_for_testing():
     assert len(background) == 30 and len(evaluation) == 20 and not background & evaluation
 
 
+def test_lake_training_rotations_add_rotated_background_classes_and_keep_the_test_episodes():
+    plain = OmniglotDataModule(split="lake", test_episodes=10, val_episodes=10)
+    rotated = OmniglotDataModule(split="lake", train_rotations=True, test_episodes=10, val_episodes=10)
+    plain.setup()
+    rotated.setup()
+    train = rotated.split_classes("train")
+    assert train.numel() == 4 * 964
+    names = [rotated.store.class_names[c] for c in train.tolist()]
+    assert {name.split("/")[-1] for name in names} == {"rot000", "rot090", "rot180", "rot270"}
+    assert {name.rsplit("/", 1)[0] for name in names} == \
+        {plain.store.class_names[c].rsplit("/", 1)[0] for c in plain.split_classes("train").tolist()}
+    assert torch.equal(rotated.episodes["test"], plain.episodes["test"])
+
+
 def test_second_start_reads_the_cache_quickly(omniglot_vinyals):
     started = time.perf_counter()
     again = OmniglotDataModule(split="vinyals")
