@@ -21,12 +21,13 @@ from tasks.base import EpisodicTask
 
 
 class TrainTimer(pl.Callback):
-    """Training wall time with validation excluded, for an honest episodes/s."""
+    """Training wall time with validation excluded, for an honest episodes/s; keeps the validation curve."""
 
     def __init__(self) -> None:
         self.fit_seconds = 0.0
         self.validation_seconds = 0.0
         self._fit_start = self._val_start = 0.0
+        self.validations: list[dict[str, float]] = []  # {"step": ..., "val/acc": ...} per validation
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
@@ -39,6 +40,9 @@ class TrainTimer(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.validation_seconds += time.perf_counter() - self._val_start
+        if not trainer.sanity_checking:
+            scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self.validations.append({"step": trainer.global_step, **scores})
 
     @property
     def train_seconds(self) -> float:
@@ -138,7 +142,7 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
             "test": {**task.test_summary, "episodes_sha1": episodes_fingerprint(datamodule.episodes["test"])},
             "train": {"steps": trainer.global_step, "unit": unit, "episodes": episodes_trained,
                       "seconds": timer.train_seconds, "episodes_per_s": episodes_trained / timer.train_seconds,
-                      "final_loss": final_loss},
+                      "final_loss": final_loss, "validations": timer.validations},
             "hardware": hardware(device),
             "peak_memory_bytes": peak_memory_bytes(device),
             "execution": task.execution,

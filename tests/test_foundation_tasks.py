@@ -125,6 +125,9 @@ def test_tiny_end_to_end_run_writes_a_valid_deterministic_record(tmp_path, algor
     assert test["episodes"] == 20 and test["episode_ids"] == list(range(20))
     assert 0.0 <= test["mean"] <= 1.0 and test["ci95"] > 0
     assert saved["train"]["steps"] == 4 and saved["train"]["episodes_per_s"] > 0
+    assert [v["step"] for v in saved["train"]["validations"]] == [2, 4]  # the validation curve, val_every=2
+    assert all(0.0 <= v["val/acc"] <= 1.0 for v in saved["train"]["validations"])
+    assert len(test["episodes_sha1"]) == 16
     for field in ("git", "versions", "hardware", "peak_memory_bytes", "wall_time_s", "config", "seed"):
         assert field in saved
     again = run(config, tmp_path / "b", progress=False)
