@@ -231,7 +231,7 @@ def collect(records_dir: Path, papers: dict[str, Any]) -> Leaderboard:
             continue
         if not test.get("episodes_sha1"):
             problems.append(f"{path}: no fingerprint of its test episodes (recorded before they were kept), so it "
-                            "cannot be paired with other runs; run scripts/fingerprint_records.py or rerun it")
+                            "cannot be paired with other runs; rerun it (make bench FORCE=1 with its suite)")
             continue
         key = protocol_key(record)
         if key not in tables:
