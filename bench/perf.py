@@ -149,8 +149,20 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
         workloads.append(Workload(f"learn2learn {label}", theirs))
     _, protonet_step = our_protonet(twenty_way, hidden, device)
     workloads += [Workload("ours ProtoNet", protonet_step),
-                  Workload("learn2learn ProtoNet", l2l_protonet(twenty_way, hidden, device)),
-                  Workload("proxy: one supervised batch", supervised_proxy(five_way, tasks, hidden, device, False)),
+                  Workload("learn2learn ProtoNet", l2l_protonet(twenty_way, hidden, device))]
+    if not args.no_stock:  # the comparison: learn2learn end to end on its own data pipeline
+        say("[perf] preparing learn2learn's stock Omniglot pipeline")
+        stock_five = l2l_stock_omniglot_taskset(5, five_way.samplers["train"].examples_per_class)
+        stock_twenty = l2l_stock_omniglot_taskset(20, twenty_way.samplers["train"].examples_per_class)
+        if stock_five is not None and stock_twenty is not None:
+            for key, first_order in (("maml", False), ("fomaml", True)):
+                label = "MAML" if key == "maml" else "FOMAML"
+                _, theirs = l2l_maml(five_way, tasks, hidden, first_order, device, initial=tasks_built[key].network,
+                                     taskset=stock_five)
+                workloads.append(Workload(f"learn2learn {label}, stock pipeline", theirs))
+            workloads.append(Workload("learn2learn ProtoNet, stock pipeline",
+                                      l2l_protonet(twenty_way, hidden, device, taskset=stock_twenty)))
+    workloads += [Workload("proxy: one supervised batch", supervised_proxy(five_way, tasks, hidden, device, False)),
                   Workload("proxy: supervised, per task", supervised_proxy(five_way, tasks, hidden, device, True))]
     if not args.no_ablations:  # the memory layout Conv-4 does not use on this device (channels-last on CPU only)
         other_layout = device.type != "cpu"

@@ -89,15 +89,20 @@ def supervised_proxy(datamodule: EpisodicDataModule, tasks: int, hidden: int, de
 
 
 def l2l_maml(datamodule: EpisodicDataModule, tasks: int, hidden: int, first_order: bool, device: torch.device,
-             initial: torch.nn.Module | None = None) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """learn2learn's MAML on its TaskDataset: per task ``clone()``, ``adapt()``, query loss, ``backward()``."""
+             initial: torch.nn.Module | None = None, taskset=None) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """learn2learn's MAML on its TaskDataset: per task ``clone()``, ``adapt()``, query loss, ``backward()``.
+
+    ``taskset``: where its tasks come from -- by default a TaskDataset over our decoded images in memory;
+    pass :func:`bench.perf_sampling.l2l_stock_omniglot_taskset` for learn2learn's own PNG pipeline.
+    """
     import learn2learn as l2l
 
     network = l2l_conv4(datamodule, hidden, datamodule.train_ways, initial).to(device)
     maml = l2l.algorithms.MAML(network, lr=INNER_LR, first_order=first_order)
     optimizer = torch.optim.Adam(maml.parameters(), lr=META_LR)
     sampler = datamodule.samplers["train"]
-    taskset = l2l_in_memory_taskset(datamodule, sampler.ways, sampler.examples_per_class)
+    if taskset is None:
+        taskset = l2l_in_memory_taskset(datamodule, sampler.ways, sampler.examples_per_class)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -111,13 +116,15 @@ def l2l_maml(datamodule: EpisodicDataModule, tasks: int, hidden: int, first_orde
     return network, step
 
 
-def l2l_protonet(datamodule: EpisodicDataModule, hidden: int, device: torch.device) -> Callable[[], None]:
-    """Prototypical Networks as learn2learn's example writes them, on its TaskDataset (one episode a step)."""
+def l2l_protonet(datamodule: EpisodicDataModule, hidden: int, device: torch.device, taskset=None) -> Callable[[], None]:
+    """Prototypical Networks as learn2learn's example writes them, on its TaskDataset (one episode a step;
+    ``taskset`` as in :func:`l2l_maml`)."""
     encoder = l2l_conv4(datamodule, hidden, None).to(device)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=META_LR)
     sampler = datamodule.samplers["train"]
     ways, shots, per_class = sampler.ways, sampler.shots, sampler.examples_per_class
-    taskset = l2l_in_memory_taskset(datamodule, ways, per_class)
+    if taskset is None:
+        taskset = l2l_in_memory_taskset(datamodule, ways, per_class)
 
     def step() -> None:
         data, labels = taskset.sample()

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from bench import perf
-from bench.perf_sampling import StoreImages, l2l_taskset, split_l2l_task
+from bench.perf_sampling import StoreImages, l2l_stock_omniglot_taskset, l2l_taskset, split_l2l_task
 from bench.perf_timing import Workload, interleaved, peak_memory, ratio, summary
+from bench.perf_training import l2l_maml
 
 
 def test_learn2learn_tasks_are_made_of_our_images(omniglot_vinyals):
@@ -33,6 +34,23 @@ def test_learn2learn_tasks_are_made_of_our_images(omniglot_vinyals):
     support_x, support_y, query_x, query_y = split_l2l_task(data, labels, shots=1, device=torch.device("cpu"))
     assert support_y.tolist() == blocks[:, 0].tolist() and query_y.tolist() == blocks[:, 1:].flatten().tolist()
     assert torch.equal(support_x[2], data[8]) and torch.equal(query_x[3], data[5]) and query_x.shape == (15, 1, 28, 28)
+
+
+def test_learn2learn_stock_pipeline_feeds_its_maml_step(omniglot_vinyals):
+    """learn2learn's own Omniglot pipeline (PNG files, resize, rotation) yields 5-way tasks of 28x28 ink-on-black
+    images, and its MAML meta-iteration runs end to end on it (the 'stock pipeline' rows of perf.md)."""
+    taskset = l2l_stock_omniglot_taskset(ways=5, samples=16)
+    assert taskset is not None, "the Omniglot zips are in METABENCH_DATA, so the stock pipeline must build"
+    data, labels = taskset.sample()
+    blocks = labels.view(5, 16)
+    assert data.shape == (80, 1, 28, 28) and (blocks == blocks[:, :1]).all()
+    assert sorted(blocks[:, 0].tolist()) == [0, 1, 2, 3, 4]
+    assert 0.0 <= float(data.min()) and float(data.max()) <= 1.0 and float(data.mean()) < 0.5  # inverted: dark background
+    network, step = l2l_maml(omniglot_vinyals, tasks=2, hidden=4, first_order=False, device=torch.device("cpu"),
+                             taskset=taskset)
+    before = [p.detach().clone() for p in network.parameters()]
+    step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, network.parameters()))
 
 
 def test_rounds_interleave_in_rotating_order_and_exclude_warmup():
@@ -79,4 +97,4 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path, omniglot_vinyals):
     assert differences["maml float64"]["relative"] < 1e-9 and differences["fomaml float64"]["relative"] < 1e-9
     assert differences["maml float32"]["relative"] < 0.5  # rounding of other kernels only (float64 is exact)
     text = (tmp_path / "perf.md").read_text()
-    assert "| MAML 2nd order: learn2learn / ours |" in text and "episodes/s" in text
+    assert "| MAML 2nd order: learn2learn (same images in memory) / ours |" in text and "episodes/s" in text
