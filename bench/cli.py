@@ -23,7 +23,7 @@ RUN_FIELDS = (("algorithm", str), ("dataset", str), ("ways", int), ("shots", int
               ("train_ways", int), ("train_shots", int), ("train_queries", int), ("meta_batch", int),
               ("eval_batch", int), ("steps", int), ("val_every", int), ("val_episodes", int),
               ("test_episodes", int), ("seed", int), ("accelerator", str), ("devices", int), ("num_nodes", int),
-              ("threads", int), ("suite", str))
+              ("threads", int), ("suite", str), ("precision", str))
 
 
 def _pairs(items: list[str]) -> dict:

@@ -14,7 +14,9 @@ class RunConfig:
 
     ``steps`` is the training budget in meta-iterations (optimizer steps); each step consumes
     ``meta_batch`` training episodes. ``hparams`` go to the algorithm's constructor and
-    ``dataset_args`` to the data module's (e.g. ``{"split": "lake"}``).
+    ``dataset_args`` to the data module's (e.g. ``{"split": "lake"}``). ``precision`` is Lightning's:
+    ``"32"`` (float32, the default) or ``"bf16-mixed"`` (autocast to bfloat16 -- on CPUs with AMX/AVX512-BF16
+    and on GPUs a large speed-up, see leaderboard/perf.md; it changes rounding, so it is part of the key).
     """
 
     algorithm: str
@@ -39,9 +41,19 @@ class RunConfig:
     devices: int = 1
     num_nodes: int = 1
     threads: int | None = None
+    precision: str = "32"
 
     # Fields that do not change what is computed (where and how fast it runs).
     EXECUTION_FIELDS = ("suite", "accelerator", "devices", "num_nodes", "threads")
+    # Fields added after records existed: left out of the key at their default, so old keys stay valid.
+    KEY_OMITS_AT_DEFAULT = {"precision": "32"}
+    PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
+    def __post_init__(self) -> None:
+        self.precision = str(self.precision)
+        if self.precision not in self.PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: use one of {list(self.PRECISIONS)} "
+                             f"(\"bf16-mixed\" for autocast to bfloat16; \"16-mixed\" needs a GPU)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
@@ -56,7 +68,8 @@ class RunConfig:
 
     def key(self) -> str:
         """Hash of what is computed (not where), so the same run on another machine has the same key."""
-        semantic = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS}
+        semantic = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS
+                    and not (k in self.KEY_OMITS_AT_DEFAULT and v == self.KEY_OMITS_AT_DEFAULT[k])}
         return hashlib.sha1(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property

@@ -89,10 +89,12 @@ class Entry:
     def hardware(self) -> str:
         info = self.record.get("hardware") or {}
         devices = self.config.get("devices", 1)
+        precision = self.config.get("precision", "32")
+        suffix = "" if precision == "32" else f", {precision}"
         if info.get("gpu"):
-            return f"{info['gpu']}" + (f" ×{devices}" if devices > 1 else "")
+            return f"{info['gpu']}" + (f" ×{devices}" if devices > 1 else "") + suffix
         cpu = info.get("cpu_model") or info.get("cpu") or "CPU"
-        return f"{cpu}, {info.get('torch_threads', '?')} thr" + (f" ×{devices} procs" if devices > 1 else "")
+        return f"{cpu}, {info.get('torch_threads', '?')} thr" + (f" ×{devices} procs" if devices > 1 else "") + suffix
 
 
 @dataclass

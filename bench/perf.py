@@ -162,6 +162,13 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
                 workloads.append(Workload(f"learn2learn {label}, stock pipeline", theirs))
             workloads.append(Workload("learn2learn ProtoNet, stock pipeline",
                                       l2l_protonet(twenty_way, hidden, device, taskset=stock_twenty)))
+    if not args.no_bf16:  # mixed precision (a run's `precision: bf16-mixed`): a speed-up that changes rounding
+        for key, first_order in (("maml", False), ("fomaml", True)):
+            label = "MAML" if key == "maml" else "FOMAML"
+            _, step = our_maml(five_way, tasks, hidden, first_order, device, vectorize=False, precision="bf16-mixed")
+            workloads.append(Workload(f"ours {label}, bf16-mixed", step))
+        _, step = our_protonet(twenty_way, hidden, device, precision="bf16-mixed")
+        workloads.append(Workload("ours ProtoNet, bf16-mixed", step))
     workloads += [Workload("proxy: one supervised batch", supervised_proxy(five_way, tasks, hidden, device, False)),
                   Workload("proxy: supervised, per task", supervised_proxy(five_way, tasks, hidden, device, True))]
     if not args.no_ablations:  # the memory layout Conv-4 does not use on this device (channels-last on CPU only)
@@ -256,6 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=64, help="Conv-4 filters")
     parser.add_argument("--sampler-seconds", type=float, default=0.3, help="length of one timed sampler step")
     parser.add_argument("--no-stock", action="store_true", help="skip learn2learn's stock (PNG) Omniglot pipeline")
+    parser.add_argument("--no-bf16", action="store_true", help="skip our bf16-mixed (autocast) workloads")
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablations of our optimisations")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile ablation (compiling takes ~1 min)")
     parser.add_argument("--out", type=Path, default=Path("leaderboard"))

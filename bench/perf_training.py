@@ -27,30 +27,36 @@ INNER_LR, META_LR = 0.4, 1e-3
 
 
 def our_maml(datamodule: EpisodicDataModule, tasks: int, hidden: int, first_order: bool, device: torch.device,
-             vectorize: bool | str = "auto", channels_last: bool | None = None) -> tuple[MAML, Callable[[], None]]:
-    """Our MAML (or FOMAML) and one end-to-end meta-iteration of it."""
+             vectorize: bool | str = "auto", channels_last: bool | None = None,
+             precision: str = "32") -> tuple[MAML, Callable[[], None]]:
+    """Our MAML (or FOMAML) and one end-to-end meta-iteration of it (``precision`` as a run's: "32" or
+    "bf16-mixed", the loss computed under autocast to bfloat16 as Lightning does)."""
     channels, size = datamodule.store.image_shape[0], datamodule.store.image_shape[1]
     task = MAML(ways=datamodule.train_ways, in_channels=channels, image_size=size, hidden=hidden, inner_lr=INNER_LR,
                 inner_steps=1, first_order=first_order, vectorize=vectorize, lr=META_LR).to(device)
     task.network.backbone.channels_last = channels_last
-    return task, _training_step(task, our_episodes(datamodule, tasks, device))
+    return task, _training_step(task, our_episodes(datamodule, tasks, device), precision)
 
 
 def our_protonet(datamodule: EpisodicDataModule, hidden: int, device: torch.device,
-                 channels_last: bool | None = None) -> tuple[ProtoNet, Callable[[], None]]:
-    """Our Prototypical Networks and one end-to-end training step on one episode."""
+                 channels_last: bool | None = None, precision: str = "32") -> tuple[ProtoNet, Callable[[], None]]:
+    """Our Prototypical Networks and one end-to-end training step on one episode (``precision`` as in
+    :func:`our_maml`)."""
     channels, size = datamodule.store.image_shape[0], datamodule.store.image_shape[1]
     task = ProtoNet(ways=datamodule.train_ways, in_channels=channels, image_size=size, hidden=hidden,
                     lr=META_LR).to(device)
     task.encoder.channels_last = channels_last
-    return task, _training_step(task, our_episodes(datamodule, 1, device))
+    return task, _training_step(task, our_episodes(datamodule, 1, device), precision)
 
 
-def _training_step(task, next_episode: Callable[[], Episode]) -> Callable[[], None]:
+def _training_step(task, next_episode: Callable[[], Episode], precision: str = "32") -> Callable[[], None]:
     optimizer = torch.optim.Adam(task.parameters(), lr=META_LR)
+    device_type = next(task.parameters()).device.type
 
     def step() -> None:
-        loss, _ = task.training_loss(next_episode())
+        episode = next_episode()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss, _ = task.training_loss(episode)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -93,6 +93,7 @@ def make_trainer(config: RunConfig, callbacks: list[pl.Callback], logger: Any = 
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
+        precision=config.precision,
         strategy="ddp" if config.devices * config.num_nodes > 1 else "auto",
         inference_mode=False,  # gradient-based learners adapt during evaluation
         use_distributed_sampler=False,  # the data module shards episodes itself, exactly

@@ -90,7 +90,8 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path, omniglot_vinyals):
                                        "omniglot 5w1s15q ours: episodes / omniglot 5w1s15q learn2learn: same images"}
     training = result["training"]
     assert {"ours MAML", "learn2learn MAML", "ours FOMAML", "learn2learn FOMAML", "ours ProtoNet",
-            "learn2learn ProtoNet", "proxy: one supervised batch", "proxy: supervised, per task"} <= set(training["workloads"])
+            "learn2learn ProtoNet", "proxy: one supervised batch", "proxy: supervised, per task",
+            "ours MAML, bf16-mixed", "ours FOMAML, bf16-mixed", "ours ProtoNet, bf16-mixed"} <= set(training["workloads"])
     assert all(len(entry["seconds"]) == 2 and "bytes" in entry["peak_memory"] for entry in training["workloads"].values())
     assert training["vectorize"]["maml"]["mode"] in ("loop", "vmap")
     differences = training["max_meta_gradient_difference"]

@@ -83,3 +83,13 @@ def test_where_a_run_executes_does_not_change_its_key():
     for where in ({"devices": 4}, {"num_nodes": 2}, {"threads": 1}, {"accelerator": "gpu"}, {"suite": "other"}):
         assert RunConfig(algorithm="maml", **where).key() == base.key(), where
     assert RunConfig(algorithm="maml", steps=7).key() != base.key()
+
+
+def test_precision_is_part_of_the_key_only_when_not_the_float32_default():
+    base = RunConfig(algorithm="maml")
+    assert RunConfig(algorithm="maml", precision="32").key() == base.key()  # records from before the field
+    assert "precision" not in json.dumps(base.key())
+    mixed = RunConfig(algorithm="maml", precision="bf16-mixed")
+    assert mixed.key() != base.key() and RunConfig.from_dict(mixed.to_dict()).key() == mixed.key()
+    with pytest.raises(ValueError, match="unknown precision 'bf16'.*bf16-mixed"):
+        RunConfig(algorithm="maml", precision="bf16")

@@ -115,6 +115,24 @@ def test_task_by_task_meta_gradient_equals_one_backward_through_all_tasks(first_
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_bf16_autocast_meta_gradient_is_the_float32_one_up_to_rounding(first_order, omniglot_vinyals):
+    """``precision: bf16-mixed`` (make perf's mixed-precision rows) runs MAML's second-order meta-gradient
+    through autocast: on real episodes it must stay the float32 meta-gradient up to bfloat16 rounding (which
+    BatchNorm over 5 support images amplifies in the second-order terms), in float32 tensors."""
+    torch.manual_seed(0)
+    task = MAML(first_order=first_order, vectorize=False, ways=5, hidden=32)
+    episode = omniglot_vinyals.on_after_batch_transfer(next(iter(omniglot_vinyals.train_dataloader())), 0)
+    exact = torch.autograd.grad(task.training_loss(episode)[0], list(task.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = task.training_loss(episode)
+    mixed = torch.autograd.grad(loss, list(task.parameters()))
+    assert all(g.dtype == torch.float32 for g in mixed)
+    flat_exact, flat_mixed = torch.cat([g.flatten() for g in exact]), torch.cat([g.flatten() for g in mixed])
+    assert float(F.cosine_similarity(flat_exact, flat_mixed, dim=0)) > 0.98
+    assert not torch.equal(flat_exact, flat_mixed)  # autocast did run in bfloat16
+
+
 @pytest.fixture
 def fresh_choices(tmp_path, monkeypatch):
     """An empty choice cache: nothing remembered in memory, a new cache folder."""
