@@ -39,6 +39,8 @@ from datamodules.miniimagenet import MiniImageNetDataModule
 from datamodules.omniglot import OmniglotDataModule
 
 SCHEMA = 1
+# (record key, display name, first order) of the two MAML variants every section times.
+MAML_VARIANTS = (("maml", "MAML", False), ("fomaml", "FOMAML", True))
 TARGETS = {"maml": 3.0, "fomaml": 3.0, "protonet": 3.0, "sampler": 1000.0, "fomaml_over_proxy": 1.5}
 
 
@@ -140,8 +142,7 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
     twenty_way = _datamodule("omniglot", meta_batch=1, ways=20, shots=5, queries=15)
     workloads: list[Workload] = []
     tasks_built = {}
-    for key, first_order in (("maml", False), ("fomaml", True)):
-        label = "MAML" if key == "maml" else "FOMAML"
+    for key, label, first_order in MAML_VARIANTS:
         task, step = our_maml(five_way, tasks, hidden, first_order, device)
         tasks_built[key] = task
         workloads.append(Workload(f"ours {label}", step))
@@ -155,16 +156,14 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
         stock_five = l2l_stock_omniglot_taskset(5, five_way.samplers["train"].examples_per_class)
         stock_twenty = l2l_stock_omniglot_taskset(20, twenty_way.samplers["train"].examples_per_class)
         if stock_five is not None and stock_twenty is not None:
-            for key, first_order in (("maml", False), ("fomaml", True)):
-                label = "MAML" if key == "maml" else "FOMAML"
+            for key, label, first_order in MAML_VARIANTS:
                 _, theirs = l2l_maml(five_way, tasks, hidden, first_order, device, initial=tasks_built[key].network,
                                      taskset=stock_five)
                 workloads.append(Workload(f"learn2learn {label}, stock pipeline", theirs))
             workloads.append(Workload("learn2learn ProtoNet, stock pipeline",
                                       l2l_protonet(twenty_way, hidden, device, taskset=stock_twenty)))
     if not args.no_bf16:  # mixed precision (a run's `precision: bf16-mixed`): a speed-up that changes rounding
-        for key, first_order in (("maml", False), ("fomaml", True)):
-            label = "MAML" if key == "maml" else "FOMAML"
+        for key, label, first_order in MAML_VARIANTS:
             _, step = our_maml(five_way, tasks, hidden, first_order, device, vectorize=False, precision="bf16-mixed")
             workloads.append(Workload(f"ours {label}, bf16-mixed", step))
         _, step = our_protonet(twenty_way, hidden, device, precision="bf16-mixed")
@@ -174,8 +173,7 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
     if not args.no_ablations:  # the memory layout Conv-4 does not use on this device (channels-last on CPU only)
         other_layout = device.type != "cpu"
         layout_name = "channels-last" if other_layout else "default layout"
-        for key, first_order in (("maml", False), ("fomaml", True)):
-            label = "MAML" if key == "maml" else "FOMAML"
+        for key, label, first_order in MAML_VARIANTS:
             _, step = our_maml(five_way, tasks, hidden, first_order, device, channels_last=other_layout)
             workloads.append(Workload(f"ablation: ours {label}, {layout_name}", step))
         _, step = our_protonet(twenty_way, hidden, device, channels_last=other_layout)
@@ -183,9 +181,8 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
     say("[perf] meta-iterations: timing (the warm-up also resolves vectorize='auto')")
     seconds = interleaved(workloads, args.rounds, args.warmup, device, say)
     if not args.no_ablations:  # the mode 'auto' did not choose, for the record
-        for key, first_order in (("maml", False), ("fomaml", True)):
+        for key, label, first_order in MAML_VARIANTS:
             chosen = tasks_built[key].execution["vectorize"]["vectorize"]
-            label = "MAML" if key == "maml" else "FOMAML"
             _, step = our_maml(five_way, tasks, hidden, first_order, device, vectorize=not chosen)
             name = f"ablation: ours {label}, {'loop' if chosen else 'vmap'} instead of {'vmap' if chosen else 'loop'}"
             extra = Workload(name, step)
@@ -207,7 +204,7 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
     section["max_meta_gradient_difference"] = {
         f"{key} {name}": same_meta_gradient(five_way, check_tasks, hidden, first_order, device,
                                             tasks_built[key].execution["vectorize"]["vectorize"], dtype, layout)
-        for key, first_order in (("maml", False), ("fomaml", True))
+        for key, _, first_order in MAML_VARIANTS
         for name, dtype, check_tasks, layout in checks
         if layout is None or device.type == "cpu"}  # the default layout is what runs off the CPU anyway
     if not args.no_compile:
