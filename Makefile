@@ -55,11 +55,11 @@ bench: $(STAMP)  ## run a suite's pending runs (SUITE, ALGOS, GPUS, DEVICES, WOR
 leaderboard: $(STAMP)  ## rebuild leaderboard/README.md, leaderboard.csv, leaderboard.html and plots from the records
 	$(PY) -m bench leaderboard --records $(RESULTS) --out $(LEADERBOARD)
 
-regress: $(STAMP)  ## run the ci suite and compare with leaderboard/baselines/ci.json (JUNIT=report.xml optional)
+regress: $(STAMP)  ## run the ci suite and compare with this machine's baseline (leaderboard/baselines/ci.<family>.json, else ci.json; JUNIT=report.xml optional)
 	$(PY) -m bench regress $(POOL) $(if $(ALGOS),--algorithms $(ALGOS)) $(if $(JUNIT),--junit $(JUNIT)) \
 		$(if $(GITHUB_ACTIONS),--github)
 
-regress-update: $(STAMP)  ## rerun the ci suite, rewrite the baseline (ALGOS=a,b: only theirs); review, commit
+regress-update: $(STAMP)  ## rerun the ci suite, rewrite this kernel family's baseline (ALGOS=a,b: only theirs); review, commit
 	$(PY) -m bench regress --update $(POOL) $(if $(ALGOS),--algorithms $(ALGOS))
 
 wandb-sync: $(STAMP)  ## upload offline W&B runs (needs WANDB_API_KEY or `wandb login`, and network)

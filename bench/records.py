@@ -89,9 +89,31 @@ def cpu_model() -> str | None:
     return None
 
 
+def cpu_vendor() -> str:
+    """The CPU vendor id from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "cpu"
+
+
+def kernel_family(device: torch.device) -> str:
+    """Which kernels computed a run: the GPU's name, or the CPU vendor and the instruction set torch dispatches
+    to (e.g. ``genuineintel-avx512``). Float results are bit-identical within a family on CPU and differ by
+    rounding across families, which training amplifies (see :mod:`bench.regress`)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_vendor()}-{torch.backends.cpu.get_cpu_capability()}"
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
 def hardware(device: torch.device) -> dict[str, Any]:
     info = {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(device)}
+            "torch_threads": torch.get_num_threads(), "device": str(device), "kernel_family": kernel_family(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

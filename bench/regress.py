@@ -8,6 +8,13 @@ rise by more than 10% (relative). A training-throughput drop beyond a generous t
 machines are noisy and shared) is only a warning. Runs without a baseline (the suite changed) and
 baseline runs without a fresh run are errors, and so is a run tested on other episodes than its
 baseline (their fingerprints differ): ``make regress-update`` rewrites the baseline, deliberately.
+
+Baselines are kept per *kernel family* (:func:`bench.records.kernel_family`: CPU vendor and instruction
+set, or GPU): on CPU a run is bit-identical on every machine of its family, while across families
+rounding differences, amplified by training, move the 200-episode ci scores by up to ~2 points. So
+``make regress-update`` writes ``ci.<family>.json`` for the machine it runs on, and ``make regress``
+compares with the file of its own family, falling back to ``ci.json`` (made on another family) when
+there is none.
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from bench.records import git_state, now_iso, scan_records, write_record
+import torch
+
+from bench.records import git_state, kernel_family, now_iso, scan_records, write_record
 from bench.stats import TEST_NAME, compare_paired, episode_scores, scores_by_episode
 
 DEFAULT_BASELINE = Path("leaderboard/baselines/ci.json")
@@ -56,8 +65,40 @@ def make_baseline(records: list[dict[str, Any]], suite: str) -> dict[str, Any]:
     failed = [r.get("name", r["key"]) for r in records if r.get("status") != "ok"]
     if failed:
         raise ValueError(f"cannot write a baseline from failed runs {failed}; fix them first")
-    return {"suite": suite, "created": now_iso(), "git": git_state(), "test": TEST_NAME,
+    made_at = {json.dumps(r.get("git"), sort_keys=True) for r in records if r.get("git")}
+    git = json.loads(made_at.pop()) if len(made_at) == 1 else git_state()  # the code the runs ran, when known
+    return {"suite": suite, "created": now_iso(), "git": git, "test": TEST_NAME,
             "runs": {r["key"]: baseline_entry(r) for r in sorted(records, key=lambda r: r["name"])}}
+
+
+def family_baseline(path: Path, family: str) -> Path:
+    """The baseline file of one kernel family next to ``path``: ``ci.json`` -> ``ci.<family>.json``."""
+    return path.with_name(f"{path.stem}.{family}{path.suffix}")
+
+
+def records_family(records: list[dict[str, Any]]) -> str:
+    """The kernel family the records were computed on (this machine's CPU family for older records)."""
+    families = {(r.get("hardware") or {}).get("kernel_family") for r in records} - {None}
+    if len(families) > 1:
+        raise ValueError(f"the records come from several kernel families {sorted(families)}: "
+                         "compare (or update from) one machine's records at a time")
+    return families.pop() if families else kernel_family(torch.device("cpu"))
+
+
+def baseline_to_compare(path: Path, family: str) -> Path:
+    """This family's baseline when committed, else ``path`` itself (the fallback, made on another family)."""
+    own = family_baseline(path, family)
+    return own if own.exists() else path
+
+
+def other_baselines(path: Path, written: Path) -> list[str]:
+    """The other families' baselines next to ``written``, each with the commit it was made at (not refreshed)."""
+    found = []
+    for other in sorted({path, *path.parent.glob(f"{path.stem}.*{path.suffix}")} - {written}):
+        if other.exists():
+            commit = (load_baseline(other).get("git") or {}).get("commit") or "?"
+            found.append(f"{other.name} (commit {commit[:7]})")
+    return found
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
@@ -220,16 +261,26 @@ def regress_command(args: argparse.Namespace) -> int:
     algorithms = chosen_algorithms(args)
     records = fresh_records(args)
     seconds = time.perf_counter() - started
+    family = records_family(records)
     if args.update:  # with --algorithms, only their entries are replaced
-        kept = restricted(load_baseline(args.baseline), algorithms, keep=False)["runs"] if algorithms else {}
+        target = family_baseline(args.baseline, family)
+        previous = baseline_to_compare(args.baseline, family)
+        kept = restricted(load_baseline(previous), algorithms, keep=False)["runs"] if algorithms else {}
         baseline = make_baseline(records, args.suite)
         baseline["runs"] = dict(sorted({**kept, **baseline["runs"]}.items(), key=lambda item: item[1]["name"]))
-        write_record(args.baseline, baseline)
-        print(f"baseline {args.baseline} rewritten from {len(records)} run(s) of suite {args.suite!r}"
-              + (f" (algorithms {', '.join(algorithms)}; other entries kept)" if algorithms else "")
+        write_record(target, baseline)
+        print(f"baseline {target} (kernel family {family}) rewritten from {len(records)} run(s) of suite "
+              f"{args.suite!r}" + (f" (algorithms {', '.join(algorithms)}; other entries kept)" if algorithms else "")
               + f" ({seconds:.0f}s); review and commit it")
+        others = other_baselines(args.baseline, target)
+        if others:
+            print("not refreshed (other kernel families; rerun there if the change is meant to move scores): "
+                  + ", ".join(others))
         return 0
-    baseline = restricted(load_baseline(args.baseline), algorithms, keep=True)
+    path = baseline_to_compare(args.baseline, family)
+    print(f"baseline: {path}" + ("" if path != args.baseline else
+                                 f" (none for this kernel family {family}: rounding differs across families)"))
+    baseline = restricted(load_baseline(path), algorithms, keep=True)
     findings = compare(records, baseline, args.tolerance, args.alpha, args.throughput_tolerance)
     print(text_report(findings, args.alpha))
     print(f"(suite {args.suite!r}: {len(records)} run(s) in {seconds:.0f}s)")

@@ -7,11 +7,12 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+import torch
 import yaml
 
 from bench import regress
 from bench.config import RunConfig
-from bench.records import SCHEMA
+from bench.records import SCHEMA, kernel_family, write_record
 
 # A miniature ci suite: the regression check's real path (scheduler, runner, records, paired test) in seconds.
 MINI_CI = {
@@ -36,7 +37,8 @@ def regress_args(tmp_path: Path, **changes) -> argparse.Namespace:
 def test_planted_regression_fails_naming_the_algorithm_and_unmodified_code_passes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert regress.regress_command(regress_args(tmp_path, update=True)) == 0
-    baseline = json.loads((tmp_path / "baseline.json").read_text())
+    written = regress.family_baseline(tmp_path / "baseline.json", kernel_family(torch.device("cpu")))
+    baseline = json.loads(written.read_text())  # this machine's kernel family's file
     assert sorted(run["algorithm"] for run in baseline["runs"].values()) == ["maml", "protonet"]
     capsys.readouterr()
 
@@ -61,14 +63,18 @@ def test_planted_regression_fails_naming_the_algorithm_and_unmodified_code_passe
 
 
 # -- the comparison on synthetic records (fast, exact) -------------------------------------------------------
+FAMILY = "vendor-avx2"  # the kernel family of the synthetic records
+
+
 def record(algorithm: str, scores: list[float], speed: float = 100.0, status: str = "ok", seed: int = 0,
-           episodes_sha1: str = "f" * 16) -> dict:
+           episodes_sha1: str = "f" * 16, family: str = FAMILY) -> dict:
     config = RunConfig(algorithm=algorithm, seed=seed, test_episodes=len(scores))
     mean = sum(scores) / len(scores)
     return {"schema": SCHEMA, "status": status, "key": config.key(), "name": config.name, "config": config.to_dict(),
             "metric": "acc", "test": {"mean": mean, "ci95": 0.01, "episode_ids": list(range(len(scores))),
                                       "episode_scores": scores, "episodes_sha1": episodes_sha1},
-            "train": {"episodes_per_s": speed}, "hardware": {"cpu": "test"}}
+            "train": {"episodes_per_s": speed},
+            "hardware": {"cpu": "test", "kernel_family": family}}
 
 
 BASE = [0.6 + 0.3 * ((i * 37) % 11) / 10 for i in range(200)]
@@ -113,18 +119,20 @@ def test_bad_baseline_file_gets_one_clear_error(tmp_path):
         regress.load_baseline(tmp_path / "broken.json")
 
 
-def test_update_of_chosen_algorithms_keeps_the_other_entries(tmp_path, capsys):
-    from bench.records import write_record
+def write_suite_record(folder: Path, algorithm: str, scores: list[float], family: str = FAMILY) -> None:
+    """A synthetic record of MINI_CI's run of ``algorithm`` (same key), as if run on ``family``."""
     from bench.suite import expand_suite
 
+    config = next(config for config in expand_suite(MINI_CI) if config.algorithm == algorithm)
+    write_record(folder / f"{config.name}.json", {**record(algorithm, scores, family=family), "key": config.key(),
+                                                  "name": config.name, "config": config.to_dict()})
+
+
+def test_update_of_chosen_algorithms_keeps_the_other_entries(tmp_path, capsys):
     folder = tmp_path / "records"
-    runs = {config.algorithm: config for config in expand_suite(MINI_CI)}
 
     def write(algorithm: str, scores: list[float]) -> None:
-        config = runs[algorithm]
-        write_record(folder / f"{config.name}.json",
-                     {**record(algorithm, scores), "key": config.key(), "name": config.name,
-                      "config": config.to_dict()})
+        write_suite_record(folder, algorithm, scores)
 
     write("protonet", BASE)
     write("maml", BASE)
@@ -133,7 +141,7 @@ def test_update_of_chosen_algorithms_keeps_the_other_entries(tmp_path, capsys):
     write("maml", [s - 0.2 for s in BASE])
     update = regress_args(tmp_path, update=True, from_records=folder, algorithms="protonet")
     assert regress.regress_command(update) == 0
-    baseline = json.loads((tmp_path / "baseline.json").read_text())["runs"]
+    baseline = json.loads(regress.family_baseline(tmp_path / "baseline.json", FAMILY).read_text())["runs"]
     means = {run["algorithm"]: run["mean"] for run in baseline.values()}
     assert means["protonet"] == pytest.approx(sum(BASE) / len(BASE) - 0.2)  # refreshed
     assert means["maml"] == pytest.approx(sum(BASE) / len(BASE))  # kept
@@ -148,3 +156,28 @@ def test_runs_tested_on_other_episodes_than_the_baseline_are_errors():
     findings = regress.compare([record("protonet", BASE, episodes_sha1="0" * 16)], baseline)
     assert [f.status for f in findings] == ["error"]
     assert "other episodes" in findings[0].message and "regress-update" in findings[0].message
+
+
+def test_each_kernel_family_compares_with_its_own_baseline_else_the_shared_one(tmp_path, capsys):
+    folder, other = tmp_path / "records", tmp_path / "other"
+    write_suite_record(other, "protonet", [s - 0.01 for s in BASE], family="other-x")  # other rounding
+    write_suite_record(other, "maml", [s - 0.01 for s in BASE], family="other-x")
+    assert regress.regress_command(regress_args(tmp_path, from_records=other, update=True)) == 0
+    (tmp_path / "baseline.other-x.json").rename(tmp_path / "baseline.json")  # the shared fallback
+    capsys.readouterr()
+    write_suite_record(folder, "protonet", BASE)
+    write_suite_record(folder, "maml", BASE)
+    assert regress.regress_command(regress_args(tmp_path, from_records=folder)) == 0
+    assert f"none for this kernel family {FAMILY}" in capsys.readouterr().out
+
+    assert regress.regress_command(regress_args(tmp_path, from_records=folder, update=True)) == 0
+    out = capsys.readouterr().out
+    own = regress.family_baseline(tmp_path / "baseline.json", FAMILY)
+    assert own.name == f"baseline.{FAMILY}.json" and "not refreshed" in out and "baseline.json (commit" in out
+    shared = json.loads((tmp_path / "baseline.json").read_text())["runs"].values()
+    assert all(run["hardware"]["kernel_family"] == "other-x" for run in shared)  # left as it was
+    assert regress.regress_command(regress_args(tmp_path, from_records=folder)) == 0
+    assert f"baseline: {own}" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="several kernel families"):
+        regress.records_family([record("protonet", BASE), record("maml", BASE, family="other-x")])
