@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import resource
 import time
 import traceback
@@ -57,6 +58,68 @@ class ValidationLine(pl.Callback):
             return
         shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
         print(f"[metabench] step {trainer.global_step}: {shown}", flush=True)
+
+
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+HEARTBEAT_SECONDS = 300.0
+
+
+class Heartbeat(pl.Callback):
+    """When progress bars are off, a line every ``interval_s`` seconds of training and of testing: the step
+    (test batch), throughput and the time left, so a long background run shows it is alive and when it ends."""
+
+    def __init__(self, total_steps: int, test_batches: int, interval_s: float = 300.0) -> None:
+        self.total_steps, self.test_batches, self.interval_s = total_steps, test_batches, interval_s
+        self._phase_start = self._last = 0.0
+        self._first_step = 0
+
+    def _start(self, trainer) -> None:
+        self._phase_start = self._last = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start(trainer)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start(trainer)
+
+    def _due(self, trainer) -> float | None:
+        now = time.perf_counter()
+        if not trainer.is_global_zero or now - self._last < self.interval_s:
+            return None
+        self._last = now
+        return now - self._phase_start
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        elapsed = self._due(trainer)
+        if elapsed is None:
+            return
+        done = trainer.global_step - self._first_step
+        left = (self.total_steps - trainer.global_step) * elapsed / max(done, 1)  # validation time included
+        loss = trainer.callback_metrics.get("train/loss")
+        print(f"[metabench] train step {trainer.global_step}/{self.total_steps} "
+              f"({100 * trainer.global_step / self.total_steps:.0f}%), {done / elapsed:.2f} steps/s"
+              + (f", loss {float(loss):.4f}" if loss is not None else "") + f", ~{duration(left)} left", flush=True)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        elapsed = self._due(trainer)
+        if elapsed is None:
+            return
+        left = (self.test_batches - batch_idx - 1) * elapsed / (batch_idx + 1)
+        print(f"[metabench] test batch {batch_idx + 1}/{self.test_batches}, ~{duration(left)} left", flush=True)
+
+
+def batches_to_test(config: RunConfig) -> int:
+    """Test batches on one process: the fixed test episodes are sharded over processes, then batched."""
+    processes = config.devices * config.num_nodes
+    return math.ceil(math.ceil(config.test_episodes / processes) / config.eval_batch)
 
 
 def build_datamodule(config: RunConfig) -> EpisodicDataModule:
@@ -127,7 +190,8 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
         datamodule.setup("fit")
         task = build_task(config, datamodule)
         timer = TrainTimer()
-        callbacks: list[pl.Callback] = [timer] if progress else [timer, ValidationLine()]
+        callbacks: list[pl.Callback] = [timer] if progress else [timer, ValidationLine(),
+                                                                     Heartbeat(config.steps, batches_to_test(config), HEARTBEAT_SECONDS)]
         trainer = make_trainer(config, callbacks, logger=logger, progress=progress)
         trainer.fit(task, datamodule=datamodule)
         final_loss = _metric(trainer, "train/loss")  # read before test() replaces the callback metrics

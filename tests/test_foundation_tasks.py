@@ -134,6 +134,19 @@ def test_tiny_end_to_end_run_writes_a_valid_deterministic_record(tmp_path, algor
     assert again["test"]["episode_scores"] == test["episode_scores"]  # same seed, same CPU result
 
 
+def test_background_run_prints_a_heartbeat_with_the_time_left(tmp_path, monkeypatch, capsys):
+    from bench import runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.0)  # a line after every step and test batch
+    record = run(RunConfig(algorithm="protonet", hparams={"hidden": 8}, **TINY), tmp_path, progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[metabench] t")]
+    train = [line for line in lines if " train step " in line]
+    assert [line.split()[3] for line in train] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "(100%)" in train[-1] and "steps/s" in train[-1] and train[-1].endswith("~0s left")
+    assert [line.split()[3] for line in lines if " test batch " in line] == ["1/2,", "2/2,"]
+    assert record["hardware"]["kernel_family"] == runner.hardware(torch.device("cpu"))["kernel_family"]
+
+
 def test_failed_run_is_recorded_with_its_error(tmp_path):
     config = RunConfig(algorithm="protonet", hparams={"no_such_argument": 1}, **TINY)
     with pytest.raises(ValueError, match="does not take"):
