@@ -1,4 +1,5 @@
-"""Leaderboard plots (PNG, matplotlib's Agg backend): scores with 95% CI bars, and score vs training time."""
+"""Leaderboard plots (PNG, matplotlib's Agg backend): scores with 95% CI bars, score vs training time, and
+validation curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,9 @@ def entry_label(entry: "Entry", table: "Table") -> str:
 
 
 def axis_label(table: "Table") -> str:
-    return "test accuracy (%)" if table.metric == "acc" else f"test {table.metric.upper()} (lower is better)"
+    if table.metric != "acc":
+        return f"test {table.metric.upper()} (lower is better)"
+    return "test error rate (%, lower is better)" if table.error_rate else "test accuracy (%)"
 
 
 def plot_scores(table: "Table", path: Path) -> Path:
@@ -70,6 +73,43 @@ def plot_time(table: "Table", path: Path) -> Path:
     return path
 
 
+def validation_curve(entry: "Entry") -> tuple[list[float], list[float]]:
+    """The entry's validation scores (in the table's unit) against training time, assuming a constant rate:
+    a validation at step s of S is placed at s / S of the training wall-clock time. Empty without a curve."""
+    train, metric = entry.record.get("train") or {}, entry.record.get("metric") or "acc"
+    steps, seconds = train.get("steps"), train.get("seconds")
+    points = [v for v in train.get("validations") or [] if f"val/{metric}" in v]
+    if not steps or not seconds or len(points) < 2:
+        return [], []
+    times = [seconds * v["step"] / steps for v in points]
+    values = [v[f"val/{metric}"] for v in points]
+    if metric == "acc":
+        values = [100 * (1 - v) if entry.error_rate else 100 * v for v in values]
+    return times, values
+
+
+def plot_curves(table: "Table", path: Path) -> Path | None:
+    """Validation score against training time for every entry that logged at least two validations: shows
+    whether a run had converged when its budget ended. ``None`` (no file) when no entry has a curve."""
+    curves = [(entry, *validation_curve(entry)) for entry in table.entries]
+    curves = [(entry, times, values) for entry, times, values in curves if times]
+    if not curves:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    for entry, times, values in curves:
+        axes.plot(times, values, marker="o", markersize=3, label=entry_label(entry, table))
+    axes.set_xscale("log")
+    axes.set_xlabel("training wall-clock time (s), at the run's average rate")
+    axes.set_ylabel(axis_label(table).replace("test", "validation"))
+    axes.set_title(table.title, fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="best", framealpha=0.8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, metadata=PNG_METADATA)
+    plt.close(figure)
+    return path
+
+
 def plot_tables(tables: list["Table"], folder: Path) -> list[Path]:
     """Both plots of every table under ``folder`` (old PNGs there are removed first); their paths."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,4 +119,7 @@ def plot_tables(tables: list["Table"], folder: Path) -> list[Path]:
     for table in tables:
         paths.append(plot_scores(table, folder / f"{table.slug}-scores.png"))
         paths.append(plot_time(table, folder / f"{table.slug}-time.png"))
+        curves = plot_curves(table, folder / f"{table.slug}-curves.png")
+        if curves:
+            paths.append(curves)
     return paths

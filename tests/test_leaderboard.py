@@ -143,3 +143,22 @@ def test_lake_within_alphabet_table_reports_error_rates_next_to_lake_and_koch(tm
     (entry,) = table.entries
     assert entry.shown_mean == pytest.approx(100 * (1 - entry.mean))
     assert {name: number.value for name, number in table.references.items()} == {"human": 4.5, "siamese": 8.0}
+
+
+def test_validation_curves_are_plotted_against_training_time_where_runs_logged_them(records, tmp_path):
+    from bench.leaderboard import Entry
+    from bench.plots import validation_curve
+
+    curve = add_record(records, "anil", scores(0.8))
+    curve["train"]["validations"] = [{"step": 50, "val/acc": 0.6}, {"step": 100, "val/acc": 0.75}]
+    write_record(records / f"{curve['name']}.json", curve)
+    times, values = validation_curve(Entry(curve))
+    assert times == pytest.approx([7.0, 14.0]) and values == pytest.approx([60.0, 75.0])  # 14 s of training
+    assert validation_curve(Entry(curve, error_rate=True))[1] == pytest.approx([40.0, 25.0])
+    assert validation_curve(Entry({**curve, "train": {**curve["train"], "validations": []}})) == ([], [])
+
+    out = tmp_path / "board"
+    build_leaderboard(records, out, wandb_group=None)
+    curves = sorted(path.name for path in (out / "plots").glob("*-curves.png"))
+    assert curves == ["omniglot-vinyals-5w1s-15q-100ep-curves.png"]  # only that table has a run with a curve
+    assert "(plots/omniglot-vinyals-5w1s-15q-100ep-curves.png)" in (out / "README.md").read_text()
