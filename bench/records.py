@@ -78,26 +78,25 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def cpu_model() -> str | None:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else None."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's marketing name, else None."""
+    return cpuinfo_field("model name")
+
+
 def cpu_vendor() -> str:
-    """The CPU vendor id from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine() or "cpu"
+    """The CPU vendor id (``GenuineIntel``, ``AuthenticAMD``), else the machine type."""
+    return cpuinfo_field("vendor_id") or platform.machine() or "cpu"
 
 
 def kernel_family(device: torch.device) -> str:
