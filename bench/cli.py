@@ -73,6 +73,8 @@ def _suite_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("suite", help="run every pending run of a suite, then print the table")
     parser.add_argument("name", help="suite name under bench/suites or a YAML path")
     parser.add_argument("--algorithms", default="", help="comma-separated subset of the suite's algorithms")
+    parser.add_argument("--settings", default="", help="comma-separated subset of the suite's ways/shots settings, "
+                                                        "e.g. 20w1s,20w5s")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a record")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are pending")
@@ -141,7 +143,8 @@ def suite_command(args: argparse.Namespace) -> int:
     from bench.suite import load_suite
     from bench.table import print_table
 
-    configs = load_suite(args.name, [a for a in args.algorithms.split(",") if a] or None)
+    configs = load_suite(args.name, [a for a in args.algorithms.split(",") if a] or None,
+                         [s for s in args.settings.split(",") if s] or None)
     if args.dry_run:
         existing, problems = scan_records(args.results)
         for config in configs:

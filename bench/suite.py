@@ -95,11 +95,22 @@ def expand_suite(spec: dict[str, Any], algorithms: list[str] | None = None) -> l
     return runs
 
 
-def load_suite(name_or_path: str, algorithms: list[str] | None = None) -> list[RunConfig]:
-    """The runs of a suite file, checked against the algorithm and dataset registries."""
+def load_suite(name_or_path: str, algorithms: list[str] | None = None,
+               settings: list[str] | None = None) -> list[RunConfig]:
+    """The runs of a suite file, checked against the algorithm and dataset registries; with ``settings``
+    (e.g. ``["20w1s"]``) only the runs of those ways/shots settings."""
     path = suite_path(name_or_path)
     spec = yaml.safe_load(path.read_text())
     check_spec(spec, str(path))
     configs = expand_suite(spec, algorithms)
     check_registered(configs, str(path))
-    return configs
+    return only_settings(configs, settings, str(path)) if settings else configs
+
+
+def only_settings(configs: list[RunConfig], settings: list[str], where: str) -> list[RunConfig]:
+    """The runs whose ``NwKs`` setting is one of ``settings``; an unknown setting is an error listing the suite's."""
+    available = sorted({config.setting for config in configs})
+    missing = sorted(set(settings) - set(available))
+    if missing:
+        raise ValueError(f"{where} has no setting(s) {missing}; it has {available} (ways 'w' shots 's')")
+    return [config for config in configs if config.setting in settings]

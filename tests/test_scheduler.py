@@ -327,3 +327,14 @@ def test_shipped_suites_expand_into_runs_their_code_accepts(name):
         data_args = {p for cls in data_class.__mro__ if "__init__" in vars(cls)
                      for p in inspect.signature(cls.__init__).parameters}
         assert set(run.dataset_args) <= data_args, (run.name, sorted(set(run.dataset_args) - data_args))
+
+
+def test_a_suite_can_be_narrowed_to_some_settings_with_the_same_keys():
+    from bench.suite import load_suite
+
+    everything = load_suite("omniglot-cpu")
+    narrowed = load_suite("omniglot-cpu", ["maml", "anil"], ["20w1s", "5w5s"])
+    expected = [c for c in everything if c.algorithm in ("maml", "anil") and c.setting in ("20w1s", "5w5s")]
+    assert [c.key() for c in narrowed] == [c.key() for c in expected] and len(narrowed) == 4
+    with pytest.raises(ValueError, match=r"no setting\(s\) \['20w2s'\].*'5w1s'"):
+        load_suite("omniglot-cpu", settings=["20w2s"])
