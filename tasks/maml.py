@@ -43,7 +43,8 @@ class MAML(EpisodicTask):
             meta-training / evaluation. first_order: drop second-order terms (FOMAML).
         vectorize: run the tasks of a meta-batch under ``torch.func.vmap`` (True), in a loop (False), or
             whichever is faster on the device and shapes, measured once (``"auto"``, see
-            :mod:`tasks.vectorize`; the choice is kept in ``execution["vectorize"]`` and in the run record).
+            :mod:`tasks.vectorize`; training's choice is kept in ``execution["vectorize"]``, evaluation's,
+            measured separately, in ``execution["vectorize_evaluation"]``, and both in the run record).
         hidden: Conv-4 filters, or the regression MLP's width. in_features: regression input size.
     """
 
@@ -56,7 +57,8 @@ class MAML(EpisodicTask):
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order, self.vectorize = first_order, check_vectorize(vectorize)
         self.network = self.build_network()
-        self.vectorize_choice: VectorizeChoice | None = None
+        self.vectorize_choice: VectorizeChoice | None = None  # training's
+        self.evaluation_choice: VectorizeChoice | None = None
         if self.vectorize != AUTO:
             self.vectorize_choice = VectorizeChoice(self.vectorize, "given")
             self.execution["vectorize"] = self.vectorize_choice.to_dict()
@@ -118,7 +120,8 @@ class MAML(EpisodicTask):
         return task_by_task_meta_loss(task_loss, episode.tasks, parameters)
 
     def resolve_vectorize(self, episode: Episode) -> bool:
-        """``self.vectorize``, with ``"auto"`` decided on the first episode seen (see :mod:`tasks.vectorize`)."""
+        """Training's loop/vmap choice: ``self.vectorize``, with ``"auto"`` decided on the first training episode
+        by timing one meta-gradient both ways (see :mod:`tasks.vectorize`)."""
         if self.vectorize != AUTO:
             return self.vectorize
         if self.vectorize_choice is None:
@@ -127,14 +130,35 @@ class MAML(EpisodicTask):
             def meta_gradient(vectorize: bool) -> None:
                 torch.autograd.grad(self.meta_loss(episode, vectorize)[0], parameters, allow_unused=True)
 
-            key = {"algorithm": type(self).__name__, "first_order": self.first_order, "steps": self.inner_steps,
-                   "dtype": str(episode.support_x.dtype), "support": list(episode.support_x.shape),
-                   "query": list(episode.query_x.shape),
-                   "parameters": [list(p.shape) for p in parameters]}
-            with torch.enable_grad():
-                self.vectorize_choice = resolve(key, meta_gradient, episode.support_x.device)
-            self.execution["vectorize"] = self.vectorize_choice.to_dict()
+            self.vectorize_choice = self._choose("vectorize", meta_gradient, episode, {
+                "first_order": self.first_order, "steps": self.inner_steps,
+                "parameters": [list(p.shape) for p in parameters]})
         return self.vectorize_choice.vectorize
+
+    def resolve_evaluation_vectorize(self, episode: Episode) -> bool:
+        """Evaluation's loop/vmap choice, measured on its own: evaluation adapts first order without an outer
+        graph, on evaluation batches whose shapes differ from training's, so training's choice can be several
+        times slower there (Omniglot 20w1s on a CPU: vmap won MAML's training step, and testing with it took
+        3x as long as FOMAML's looped test)."""
+        if self.vectorize != AUTO:
+            return self.vectorize
+        if self.evaluation_choice is None:
+            def adapt_and_predict(vectorize: bool) -> None:
+                self.adapted_query_outputs(episode, self.test_inner_steps, first_order=True, keep_graph=False,
+                                           vectorize=vectorize)
+
+            self.evaluation_choice = self._choose("vectorize_evaluation", adapt_and_predict, episode,
+                                                  {"phase": "evaluation", "steps": self.test_inner_steps})
+        return self.evaluation_choice.vectorize
+
+    def _choose(self, name: str, trial: Callable[[bool], None], episode: Episode, details: dict) -> VectorizeChoice:
+        """Resolve one loop/vmap choice for ``episode``'s shapes and record it under ``execution[name]``."""
+        key = {"algorithm": type(self).__name__, "dtype": str(episode.support_x.dtype),
+               "support": list(episode.support_x.shape), "query": list(episode.query_x.shape), **details}
+        with torch.enable_grad():
+            choice = resolve(key, trial, episode.support_x.device)
+        self.execution[name] = choice.to_dict()
+        return choice
 
     def task_query_outputs(self, fast: Params, frozen: Params, step_size: float | dict[str, torch.Tensor],
                            support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
@@ -149,7 +173,8 @@ class MAML(EpisodicTask):
     def predict(self, episode: Episode) -> torch.Tensor:
         """Adapt on the support set with gradients enabled (Lightning evaluates under no_grad), keep no graph."""
         with torch.enable_grad():
-            return self.adapted_query_outputs(episode, self.test_inner_steps, first_order=True, keep_graph=False)
+            return self.adapted_query_outputs(episode, self.test_inner_steps, first_order=True, keep_graph=False,
+                                              vectorize=self.resolve_evaluation_vectorize(episode))
 
 
 def _detached(params: Params) -> Params:

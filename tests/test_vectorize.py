@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +256,24 @@ def test_one_pass_gather_equals_gather_then_split():
     new = Episode.from_support_then_query(pixels[support_then_query(indices, 2)].float() / 255, 5, 4, 2, ids)
     for field in ("support_x", "support_y", "query_x", "query_y"):
         assert torch.equal(getattr(new, field), getattr(old, field)), field
+
+
+def test_evaluation_measures_its_own_choice_and_given_modes_apply_to_both(fresh_choices):
+    torch.manual_seed(0)
+    task = MAML(**TINY)
+    episode = float64_episode()
+    episode = Episode(episode.support_x.float(), episode.support_y, episode.query_x.float(), episode.query_y,
+                      episode.ids, episode.ways)
+    task.training_loss(episode)
+    with torch.no_grad():  # as Lightning evaluates
+        outputs = task.predict(episode)
+    training, evaluation = task.execution["vectorize"], task.execution["vectorize_evaluation"]
+    assert training["source"] == evaluation["source"] == "measured"  # two measurements, two cache entries
+    cached = json.loads((fresh_choices / vectorize_module.CACHE_FILE).read_text())
+    assert len(cached) == 2 and sum('"phase": "evaluation"' in key for key in cached) == 1
+    task.vectorize = not evaluation["vectorize"]  # the other mode computes the same predictions
+    with torch.no_grad():
+        assert torch.allclose(task.predict(episode), outputs, atol=1e-5)
+    given = MAML(vectorize=False, **TINY)
+    given.resolve_evaluation_vectorize(episode)
+    assert "vectorize_evaluation" not in given.execution and given.resolve_evaluation_vectorize(episode) is False
