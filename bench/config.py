@@ -13,7 +13,8 @@ class RunConfig:
     """One run: algorithm x dataset x setting x seed x budget.
 
     ``steps`` is the training budget in meta-iterations (optimizer steps); each step consumes
-    ``meta_batch`` training episodes. ``hparams`` go to the algorithm's constructor and
+    ``meta_batch`` training episodes (unset: the algorithm's ``default_meta_batch``, one episode per step
+    for most, 32 tasks for the MAML family, as in its paper). ``hparams`` go to the algorithm's constructor and
     ``dataset_args`` to the data module's (e.g. ``{"split": "lake"}``). ``precision`` is Lightning's:
     ``"32"`` (float32, the default) or ``"bf16-mixed"`` (autocast to bfloat16 -- on CPUs with AMX/AVX512-BF16
     and on GPUs a large speed-up, see leaderboard/perf.md; it changes rounding, so it is part of the key).
@@ -27,7 +28,7 @@ class RunConfig:
     train_ways: int | None = None
     train_shots: int | None = None
     train_queries: int | None = None
-    meta_batch: int = 32
+    meta_batch: int | None = None  # resolved to the algorithm's default in __post_init__
     eval_batch: int = 50
     steps: int = 1000
     val_every: int = 500
@@ -50,6 +51,9 @@ class RunConfig:
     PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
     def __post_init__(self) -> None:
+        if self.meta_batch is None:
+            from tasks import algorithm_class  # deferred: the algorithm registry imports torch and Lightning
+            self.meta_batch = algorithm_class(self.algorithm).default_meta_batch
         self.precision = str(self.precision)
         if self.precision not in self.PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: use one of {list(self.PRECISIONS)} "

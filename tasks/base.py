@@ -14,6 +14,7 @@ episode id), a clear error on a non-finite loss, and the Adam optimiser with ste
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -39,7 +40,12 @@ class EpisodicTask(pl.LightningModule):
         lr: outer-loop (meta) learning rate of Adam.
         lr_decay_every, lr_decay: multiply the learning rate by ``lr_decay`` every that many steps
             (0 disables).
+
+    ``default_meta_batch`` is the number of episodes per training step a run gets when its config
+    leaves ``meta_batch`` unset: one episode per step unless the algorithm's paper batches tasks.
     """
+
+    default_meta_batch: ClassVar[int] = 1
 
     def __init__(self, ways: int = 5, problem: str = "classification", lr: float = 1e-3,
                  lr_decay_every: int = 0, lr_decay: float = 0.5) -> None:

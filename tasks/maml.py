@@ -12,7 +12,7 @@ FOMAML, Meta-SGD and ANIL are subclasses that change one hook each: ``first_orde
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -47,6 +47,8 @@ class MAML(EpisodicTask):
             measured separately, in ``execution["vectorize_evaluation"]``, and both in the run record).
         hidden: Conv-4 filters, or the regression MLP's width. in_features: regression input size.
     """
+
+    default_meta_batch: ClassVar[int] = 32  # Finn et al. 2017, App. A.1: 32 tasks per meta-batch (Omniglot 5-way)
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  in_features: int = 1, problem: str = "classification", lr: float = 1e-3, inner_lr: float = 0.4,

@@ -19,6 +19,7 @@ state across tasks, every task starts with a fresh optimiser, so tasks do not de
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch.func import functional_call
@@ -49,6 +50,8 @@ class Reptile(EpisodicTask):
         outer_step: the interpolation step epsilon at the start of the run.
         anneal: decay epsilon linearly to 0 over the Trainer's ``max_steps``.
     """
+
+    default_meta_batch: ClassVar[int] = 5  # Nichol et al. 2018: meta-batch 5 (their Omniglot and miniImageNet runs)
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  in_features: int = 1, problem: str = "classification", inner_optimizer: str = "adam",

@@ -93,3 +93,16 @@ def test_precision_is_part_of_the_key_only_when_not_the_float32_default():
     assert mixed.key() != base.key() and RunConfig.from_dict(mixed.to_dict()).key() == mixed.key()
     with pytest.raises(ValueError, match="unknown precision 'bf16'.*bf16-mixed"):
         RunConfig(algorithm="maml", precision="bf16")
+
+
+def test_an_unset_meta_batch_is_the_algorithms_own_and_keys_by_its_value():
+    # One episode per step unless the paper batches tasks: MAML's family 32 (Finn et al.), Reptile 5 (Nichol et al.).
+    defaults = {name: RunConfig(algorithm=name).meta_batch for name in ("protonet", "relation", "baselinepp",
+                                                                         "metalstm", "maml", "fomaml", "reptile")}
+    assert defaults == {"protonet": 1, "relation": 1, "baselinepp": 1, "metalstm": 1, "maml": 32, "fomaml": 32,
+                        "reptile": 5}
+    assert RunConfig(algorithm="protonet", meta_batch=1).key() == RunConfig(algorithm="protonet").key()
+    assert RunConfig(algorithm="protonet", meta_batch=4).meta_batch == 4
+    assert RunConfig.from_dict(RunConfig(algorithm="maml").to_dict()).key() == RunConfig(algorithm="maml").key()
+    with pytest.raises(ValueError, match="unknown algorithm 'mamll': choose one of .*maml"):
+        RunConfig(algorithm="mamll")
