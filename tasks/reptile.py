@@ -11,7 +11,7 @@ query set (in one batch, so BatchNorm's batch statistics make it transductive, l
 Defaults are the paper's Omniglot hyper-parameters (appendix, "Reptile hyper-parameters" table):
 Adam with ``beta1 = 0`` and learning rate 1e-3 in the inner loop, 5 inner iterations on mini-batches
 of 10, outer step size 1.0 annealed to 0, 50 evaluation iterations on mini-batches of 5; the paper's
-meta-batch of 5 tasks is the data module's ``meta_batch`` (bench: ``--meta-batch 5``). The paper's
+meta-batch of 5 tasks is the data module's ``meta_batch`` (bench's default for Reptile). The paper's
 training episodes have 10 shots; with ``--shots 1 --queries 15`` a training task has 80 examples,
 of which the 5 inner mini-batches of 10 use 50. Unlike the reference code, which keeps one Adam
 state across tasks, every task starts with a fresh optimiser, so tasks do not depend on each other.
@@ -51,7 +51,7 @@ class Reptile(EpisodicTask):
         anneal: decay epsilon linearly to 0 over the Trainer's ``max_steps``.
     """
 
-    default_meta_batch: ClassVar[int] = 5  # Nichol et al. 2018: meta-batch 5 (their Omniglot and miniImageNet runs)
+    default_meta_batch: ClassVar[int] = 5  # the paper's meta-batch (hyper-parameter table)
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  in_features: int = 1, problem: str = "classification", inner_optimizer: str = "adam",
