@@ -131,7 +131,7 @@ class Leaderboard:
 
 # Data-module arguments that change how a model is trained, not which test episodes it sees.
 TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "crop_padding", "download",
-                                "normalization", "train_rotations"})
+                                "normalization", "train_rotations", "affine_augmentation"})
 
 
 @functools.lru_cache(maxsize=None)

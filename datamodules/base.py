@@ -19,6 +19,7 @@ from datamodules.episodes import Episode, EpisodeSampler, fixed_episodes, seeded
 from datamodules.store import ImageStore
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}
+AUGMENT_STREAM = 0xA06  # mixed into the seed: augmentation draws never coincide with episode draws
 
 
 class TrainEpisodes(IterableDataset):
@@ -102,6 +103,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.samplers: dict[str, EpisodeSampler] = {}
         self.episodes: dict[str, torch.Tensor] = {}
         self.rank, self.world_size = 0, 1
+        self._augment_generator: torch.Generator | None = None
 
     # -- what a dataset provides -------------------------------------------------------------
     @property
@@ -133,6 +135,13 @@ class EpisodicDataModule(pl.LightningDataModule):
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """Device-side random augmentation of gathered training images in [0, 1], before ``normalize`` (none by default)."""
         return images
+
+    def augment_generator(self) -> torch.Generator:
+        """The CPU generator of the augmentation draws, seeded from ``seed`` and the rank on first use
+        (the first training batch, when the rank is known)."""
+        if self._augment_generator is None:
+            self._augment_generator = seeded_generator(self.seed, self.rank, AUGMENT_STREAM)
+        return self._augment_generator
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

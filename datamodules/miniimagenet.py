@@ -39,7 +39,6 @@ from PIL import Image
 from datamodules.augment import random_crop_flip
 from datamodules.base import EpisodicDataModule
 from datamodules.download import DATA_ENV, DataError, cache_root, data_root
-from datamodules.episodes import seeded_generator
 from datamodules.store import ImageStore, cached_store, file_fingerprint, require
 
 IMAGE_SIZE = 84
@@ -47,7 +46,6 @@ SPLIT_CSVS = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
 PICKLES = {"train": "mini-imagenet-cache-train.pkl", "val": "mini-imagenet-cache-validation.pkl",
            "test": "mini-imagenet-cache-test.pkl"}
 SPLITS = ("ravi",)
-AUGMENT_STREAM = 0xA06  # mixed into the seed: augmentation draws never coincide with episode draws
 MAX_DECODE_PROCESSES = 8
 
 
@@ -290,7 +288,6 @@ class MiniImageNetDataModule(EpisodicDataModule):
         self.split, self.normalization, self.augmentation = split, normalization, augmentation
         self.crop_padding = crop_padding
         self._statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._augment_generator: torch.Generator | None = None
 
     @property
     def name(self) -> str:
@@ -327,6 +324,4 @@ class MiniImageNetDataModule(EpisodicDataModule):
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         if not self.augmentation:
             return images
-        if self._augment_generator is None:  # first training batch: the rank is known by now
-            self._augment_generator = seeded_generator(self.seed, self.rank, AUGMENT_STREAM)
-        return random_crop_flip(images, self.crop_padding, self._augment_generator)
+        return random_crop_flip(images, self.crop_padding, self.augment_generator())

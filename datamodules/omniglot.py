@@ -14,6 +14,10 @@ Two splits:
   validation/test episode takes all its classes from one evaluation alphabet, as in the original
   20-way 1-shot task of Lake et al. 2015 (use ``ways=20, shots=1, queries=1``); externally given
   runs in that task's format are scored by :mod:`datamodules.lake_runs`.
+
+Either split may distort its training images on the device with Koch et al. 2015's random affine
+transforms (``affine_augmentation=True``, :func:`datamodules.augment.random_affine`); evaluation
+images never are.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.augment import random_affine
 from datamodules.base import EpisodicDataModule
 from datamodules.episodes import EpisodeSampler, GroupedEpisodeSampler
 from datamodules.download import DataError, RemoteFile, cache_root, data_root, locate_or_fetch
@@ -125,10 +130,13 @@ class OmniglotDataModule(EpisodicDataModule):
     ``train_rotations`` (Lake split only): the 90/180/270-degree rotations of the background characters
     are extra training classes, the augmentation of Santoro et al. 2016 and Vinyals et al. 2016; the
     evaluation characters stay unrotated, so the test episodes do not change.
+    ``affine_augmentation``: every training image gets its own random rotation, shear, scale and shift
+    (Koch et al. 2015, the Siamese networks of the Lake split), seeded from ``seed`` and the rank.
     """
 
     def __init__(self, split: str = "vinyals", image_size: int = 28, download: bool = True,
-                 within_alphabet: bool = False, train_rotations: bool = False, **episode_args) -> None:
+                 within_alphabet: bool = False, train_rotations: bool = False, affine_augmentation: bool = False,
+                 **episode_args) -> None:
         if split not in ("vinyals", "lake"):
             raise DataError(f"unknown Omniglot split {split!r}: use 'vinyals' or 'lake'")
         for option, value in (("within_alphabet", within_alphabet), ("train_rotations", train_rotations)):
@@ -138,6 +146,7 @@ class OmniglotDataModule(EpisodicDataModule):
         super().__init__(**episode_args)
         self.split, self.image_size, self.download = split, image_size, download
         self.within_alphabet, self.train_rotations = within_alphabet, train_rotations
+        self.affine_augmentation = affine_augmentation
 
     @property
     def name(self) -> str:
@@ -154,6 +163,9 @@ class OmniglotDataModule(EpisodicDataModule):
             raise DataError(f"{self.name} {split}: {self.ways}-way episodes within one alphabet need an alphabet "
                             f"with {self.ways} characters; the largest has {largest}. Use ways <= {largest}.")
         return GroupedEpisodeSampler(class_ids, alphabets, self.store.per_class, self.ways, self.shots, self.queries)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        return random_affine(images, self.augment_generator()) if self.affine_augmentation else images
 
     def build_store(self) -> ImageStore:
         base = cached_store(f"omniglot{self.image_size}", {"size": self.image_size, "source": _source_key()},

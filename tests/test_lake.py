@@ -159,3 +159,26 @@ def test_malformed_runs_get_one_clear_error(tmp_path, breakage, fragment):
         labels.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=fragment):
         load_runs(tmp_path)
+
+
+def test_affine_augmentation_distorts_training_episodes_only_and_is_seeded():
+    def module(augmented: bool, seed: int = 0) -> OmniglotDataModule:
+        datamodule = OmniglotDataModule(split="lake", within_alphabet=True, ways=20, shots=1, queries=1,
+                                        train_ways=10, train_queries=2, meta_batch=2, eval_batch=5,
+                                        val_episodes=0, test_episodes=10, seed=seed, affine_augmentation=augmented)
+        datamodule.setup()
+        return datamodule
+
+    plain, augmented, again = module(False), module(True), module(True)
+    test_batch = next(iter(augmented.test_dataloader()))
+    assert torch.equal(augmented.on_after_batch_transfer(test_batch, 0).query_x,
+                       plain.on_after_batch_transfer(test_batch, 0).query_x)   # evaluation: never distorted
+    batch = next(iter(augmented.train_dataloader()))
+    distorted = augmented.on_after_batch_transfer(batch, 0)
+    original = plain.on_after_batch_transfer(batch, 0)
+    assert distorted.query_x.shape == original.query_x.shape == (2, 20, 1, 28, 28)
+    differs = (distorted.query_x - original.query_x).abs().flatten(2).amax(-1) > 1e-4
+    assert 0.8 < differs.float().mean() < 1.0                                  # 15/16 of the images move
+    assert torch.equal(again.on_after_batch_transfer(batch, 0).query_x, distorted.query_x)
+    other_seed = module(True, seed=1).on_after_batch_transfer(batch, 0)
+    assert not torch.equal(other_seed.query_x, distorted.query_x)
