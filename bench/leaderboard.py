@@ -82,6 +82,21 @@ class Entry:
         return f"{self.config['steps']} × {self.config['meta_batch']}"
 
     @property
+    def training(self) -> str:
+        """How the run trained where a table's protocol does not say: its suite, a training episode shape
+        other than the test one, and the training-only data options it turned on (e.g. augmentation)."""
+        config = self.config
+        parts = [config.get("suite") or "adhoc"]
+        shape = [(config.get(f"train_{name}"), config.get(name)) for name in ("ways", "shots", "queries")]
+        if any(train is not None and train != tested for train, tested in shape):
+            ways, shots, queries = (train if train is not None else tested for train, tested in shape)
+            parts.append(f"train {ways}w{shots}s{queries}q")
+        args = config.get("dataset_args") or {}
+        parts += [name if value is True else f"{name}={value}" for name, value in sorted(args.items())
+                  if name in TRAINING_ONLY_ARGS and name not in SHOWN_ELSEWHERE and value not in (False, None)]
+        return ", ".join(parts)
+
+    @property
     def train_seconds(self) -> float | None:
         return (self.record.get("train") or {}).get("seconds")
 
@@ -132,6 +147,7 @@ class Leaderboard:
 # Data-module arguments that change how a model is trained, not which test episodes it sees.
 TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "crop_padding", "download",
                                 "normalization", "train_rotations", "affine_augmentation"})
+SHOWN_ELSEWHERE = frozenset({"train_mode", "batch_size", "download"})  # the budget column shows batch training
 
 
 @functools.lru_cache(maxsize=None)

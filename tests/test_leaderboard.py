@@ -8,6 +8,7 @@ import pytest
 
 from bench.config import RunConfig
 from bench.leaderboard import PAPERS, build_leaderboard, collect, load_papers
+from bench.leaderboard_render import render_markdown
 from bench.records import SCHEMA, write_record
 
 
@@ -120,6 +121,20 @@ def test_runs_on_default_episodes_share_a_table_and_training_only_arguments_do_n
     assert next(e for e in vinyals.entries if e.algorithm == "maml").paper.value == 98.7
     assert next(e for e in vinyals.entries if e.algorithm == "baselinepp").budget == "100 × batch 16"
     assert board.tables[0].entries[0].paper is None  # no published Lake 5-way number
+
+
+def test_training_column_tells_apart_runs_of_one_table(tmp_path):
+    add_record(tmp_path, "protonet", scores(0.9), ways=20, train_ways=30, train_queries=5,
+               dataset_args={"split": "lake", "train_rotations": True, "affine_augmentation": True})
+    add_record(tmp_path, "maml", scores(0.8), ways=20, train_ways=20, dataset_args={"split": "lake", "download": False})
+    add_record(tmp_path, "baselinepp", scores(0.7), ways=20, suite=None,
+               dataset_args={"split": "lake", "train_mode": "batches", "batch_size": 16, "crop_padding": 4})
+    (table,) = collect(tmp_path, load_papers()).tables
+    training = {entry.algorithm: entry.training for entry in table.entries}
+    assert training == {"protonet": "unit, train 30w1s5q, affine_augmentation, train_rotations",
+                        "maml": "unit", "baselinepp": "adhoc, crop_padding=4"}
+    markdown = render_markdown(collect(tmp_path, load_papers()), [], tmp_path)
+    assert "| unit, train 30w1s5q, affine_augmentation, train_rotations |" in markdown
 
 
 def test_runs_on_different_episode_sets_never_share_a_table(tmp_path):
