@@ -5,7 +5,7 @@
   Few-shot Classification"): pad every side with ``padding`` black pixels, cut a random window of the
   original size, and mirror it with probability 1/2. Two ``gather`` calls transform a meta-batch.
 * :func:`random_affine` -- the affine distortions of Koch et al. 2015 ("Siamese Neural Networks for
-  One-shot Image Recognition", section 4.3) for Omniglot: rotation, shear, scale and translation,
+  One-shot Image Recognition", "affine distortions") for Omniglot: rotation, shear, scale and translation,
   each drawn per image and each applied with probability 1/2. One ``affine_grid`` + ``grid_sample``.
 
 Every image draws its own parameters, with no Python per image. The random draws come from a CPU
