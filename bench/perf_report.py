@@ -199,7 +199,9 @@ def _optimisations(section: dict) -> list[str]:
         lines.append("- torch.compile: not measured in this run (it was run with `--no-compile`).")
     lines += ["- Not toggled at run time (always on): one-pass gather of support-then-query pixels (no re-slicing "
               "copies), sparse class draws by rejection instead of sorting 4112 random scores, device-resident "
-              "uint8 store, evaluation without an outer graph.", ""]
+              "uint8 store, evaluation without an outer graph, inner gradients of the task loop by "
+              "`torch.autograd.grad` rather than `torch.func.grad` (bit-identical meta-gradients; MAML 1.11x, "
+              "FOMAML 1.04x faster, measured on an AMD EPYC with 2 threads; vmap keeps `torch.func.grad`).", ""]
     return lines
 
 

@@ -34,6 +34,11 @@ def under_task_vmap() -> Iterator[None]:
         _UNDER_TASK_VMAP.reset(token)
 
 
+def inside_task_vmap() -> bool:
+    """Whether the caller runs inside :func:`under_task_vmap`."""
+    return _UNDER_TASK_VMAP.get()
+
+
 def batch_stats_norm(inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
     """BatchNorm with the current batch's statistics (biased variance), in primitive ops.
