@@ -54,6 +54,9 @@ def _preamble(result: dict) -> str:
     device = hw.get("gpu") or hw.get("device")
     commit = (git.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
     command = "make perf-data" if settings.get("sections") == ["sampling"] else "make perf"
+    name = settings.get("name", "perf")
+    if name not in ("perf", "perf-data"):
+        command = f"python -m bench.perf --name {name}"
     return (f"`{command}` on {result['created']}: {hw.get('cpu_model') or hw.get('cpu')} "
             f"({hw.get('cpu_count')} CPUs, {hw.get('torch_threads')} torch threads), device **{device}**; "
             f"torch {versions.get('torch')}, learn2learn {versions.get('learn2learn')}, commit {commit}. "
@@ -61,7 +64,7 @@ def _preamble(result: dict) -> str:
             f"round(s), all workloads of a section interleaved in one process (so load from other processes hits "
             f"ours and learn2learn's alike); per-round ratios show the spread. Load average "
             f"{_load(result.get('load_average_before'))} before, {_load(result.get('load_average_after'))} after; "
-            f"the whole benchmark took {result.get('wall_seconds', 0):.0f} s. Raw timings: `perf.json`.")
+            f"the whole benchmark took {result.get('wall_seconds', 0):.0f} s. Raw timings: `{name}.json`.")
 
 
 def _load(value) -> str:
