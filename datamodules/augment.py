@@ -91,6 +91,11 @@ def random_affine(images: torch.Tensor, generator: torch.Generator,
     angle = draw(math.radians(ranges.rotation), 0.0, 1)[:, 0]
     shear, scale = draw(ranges.shear, 0.0, 2), draw(ranges.scale, 1.0, 2)
     shift = draw(2 * ranges.shift, 0.0, 2)                  # normalised coordinates: 2 units per image side
-    theta = affine_theta(angle, shear, scale, shift).to(device=flat.device, dtype=flat.dtype)
-    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
-    return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(shape)
+    return affine_warp(flat, affine_theta(angle, shear, scale, shift)).reshape(shape)
+
+
+def affine_warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``images [N, C, H, W]`` resampled through the ``affine_grid`` matrices ``theta [N, 2, 3]`` (bilinear, zero fill)."""
+    theta = theta.to(device=images.device, dtype=images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
-from datamodules.augment import AffineRanges, affine_theta, random_affine
+from datamodules.augment import AffineRanges, affine_theta, affine_warp as warp, random_affine
 from datamodules.episodes import seeded_generator
 
 SIZE = 12
-
-
-def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    grid = torch.nn.functional.affine_grid(theta.float(), list(images.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(images, grid, align_corners=False)
 
 
 def one_transform(angle: float = 0.0, shear=(0.0, 0.0), scale=(1.0, 1.0), shift=(0.0, 0.0)) -> torch.Tensor:
