@@ -23,7 +23,7 @@ RUN_FIELDS = (("algorithm", str), ("dataset", str), ("ways", int), ("shots", int
               ("train_ways", int), ("train_shots", int), ("train_queries", int), ("meta_batch", int),
               ("eval_batch", int), ("steps", int), ("val_every", int), ("val_episodes", int),
               ("test_episodes", int), ("seed", int), ("accelerator", str), ("devices", int), ("num_nodes", int),
-              ("threads", int), ("suite", str), ("precision", str))
+              ("threads", int), ("suite", str), ("precision", str), ("init_from", str))
 
 
 def _pairs(items: list[str]) -> dict:
@@ -41,6 +41,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, help="YAML (or JSON) file of RunConfig fields")
     for field, kind in RUN_FIELDS:
         parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind)
+    parser.add_argument("--save-weights", action="store_true", default=None,
+                        help="save the embedding network to <results>/weights/ for runs that --init-from this one")
     parser.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="algorithm argument")
     parser.add_argument("--data", action="append", default=[], metavar="NAME=VALUE", help="data-module argument")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)

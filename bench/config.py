@@ -18,6 +18,10 @@ class RunConfig:
     ``dataset_args`` to the data module's (e.g. ``{"split": "lake"}``). ``precision`` is Lightning's:
     ``"32"`` (float32, the default) or ``"bf16-mixed"`` (autocast to bfloat16 -- on CPUs with AMX/AVX512-BF16
     and on GPUs a large speed-up, see leaderboard/perf.md; it changes rounding, so it is part of the key).
+    ``init_from`` names a run (its record name) whose saved embedding network initialises this run's, e.g.
+    ProtoNet from a Baseline pre-trained on all training classes; ``save_weights`` makes a run save its
+    embedding network for that (:mod:`bench.weights`). In a suite, ``init_from`` may name an algorithm of the
+    same suite instead: the run of that algorithm at the same grid point.
     """
 
     algorithm: str
@@ -43,11 +47,13 @@ class RunConfig:
     num_nodes: int = 1
     threads: int | None = None
     precision: str = "32"
+    init_from: str | None = None
+    save_weights: bool = False
 
-    # Fields that do not change what is computed (where and how fast it runs).
-    EXECUTION_FIELDS = ("suite", "accelerator", "devices", "num_nodes", "threads")
+    # Fields that do not change what is computed (where and how fast it runs, what else it writes).
+    EXECUTION_FIELDS = ("suite", "accelerator", "devices", "num_nodes", "threads", "save_weights")
     # Fields added after records existed: left out of the key at their default, so old keys stay valid.
-    KEY_OMITS_AT_DEFAULT = {"precision": "32"}
+    KEY_OMITS_AT_DEFAULT = {"precision": "32", "init_from": None}
     PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
     def __post_init__(self) -> None:

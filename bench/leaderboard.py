@@ -84,7 +84,8 @@ class Entry:
     @property
     def training(self) -> str:
         """How the run trained where a table's protocol does not say: its suite, a training episode shape
-        other than the test one, and the training-only data options it turned on (e.g. augmentation)."""
+        other than the test one, the training-only data options it turned on (e.g. augmentation), and the
+        run whose weights it started from (``init_from``; that run's own row shows its budget)."""
         config = self.config
         parts = [config.get("suite") or "adhoc"]
         shape = [(config.get(f"train_{name}"), config.get(name)) for name in ("ways", "shots", "queries")]
@@ -94,6 +95,9 @@ class Entry:
         args = config.get("dataset_args") or {}
         parts += [name if value is True else f"{name}={value}" for name, value in sorted(args.items())
                   if name in TRAINING_ONLY_ARGS and name not in SHOWN_ELSEWHERE and value not in (False, None)]
+        if config.get("init_from"):  # a run name: <algorithm>-<dataset>-<setting>-seed<n>-<key>
+            source = config["init_from"]
+            parts.append(f"backbone from {source.split('-')[0]} run {source.rsplit('-', 1)[-1]}")
         return ", ".join(parts)
 
     @property

@@ -14,6 +14,7 @@ import torch
 
 from bench.config import RunConfig
 from bench.records import SCHEMA, git_state, hardware, now_iso, package_versions, write_record
+from bench.weights import load_embedding, save_embedding
 from datamodules import datamodule_class
 from datamodules.base import EpisodicDataModule
 from datamodules.episodes import episodes_fingerprint
@@ -189,6 +190,8 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
         datamodule = build_datamodule(config)
         datamodule.setup("fit")
         task = build_task(config, datamodule)
+        if config.init_from:
+            record["init"] = load_embedding(task, results_dir, config.init_from)
         timer = TrainTimer()
         callbacks: list[pl.Callback] = [timer] if progress else [timer, ValidationLine(),
                                                                      Heartbeat(config.steps, batches_to_test(config), HEARTBEAT_SECONDS)]
@@ -214,6 +217,8 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
         })
         if not trainer.is_global_zero:
             return record
+        if config.save_weights:
+            record["weights"] = save_embedding(task, results_dir, config.name).relative_to(results_dir).as_posix()
     except Exception as error:  # a failed run is recorded with its error, never silently dropped
         record.update({"status": "failed", "error": f"{type(error).__name__}: {error}",
                        "traceback": traceback.format_exc()})

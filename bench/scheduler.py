@@ -10,6 +10,8 @@
   lock when the last holder dies (even on ``kill -9``), so a second scheduler on the same suite never
   runs a claimed run at the same time: it runs other runs and waits for the claimed ones, then
   finds their records. Records themselves are written atomically by :func:`bench.records.write_record`.
+* **Order.** A run initialised from another run of the suite (``init_from``) waits until that run has
+  finished; the others fill the slots meanwhile.
 * **Failures.** A failing run gets a "failed" record with its error (the runner writes it; the
   scheduler writes it when the process died without one) and the other runs go on.
 """
@@ -298,6 +300,7 @@ class Scheduler:
         if len(set(keys)) != len(keys):
             raise ValueError("the suite lists the same run twice (identical resolved configs); remove the duplicate")
         self.configs, self.results, self.slots = configs, Path(results), slots
+        self.names = {config.name for config in configs}
         self.launcher = launcher or SubprocessLauncher()
         self.force, self.poll_seconds = force, poll_seconds
         self.progress = Progress(len(configs), len(slots), stream, label)
@@ -364,6 +367,8 @@ class Scheduler:
         """The first waiting (then held) run this scheduler can claim; runs claimed elsewhere move to ``held``."""
         for queue in (waiting, held):
             for config in list(queue):
+                if self._waits_for_pretraining(config, outcome):
+                    continue
                 lock = self._lock(config)
                 if not lock.acquire():
                     if queue is waiting:
@@ -380,6 +385,11 @@ class Scheduler:
                 outcome.records.append(record)
                 self.progress.event(f"{config.name}: finished by another scheduler, skipped")
         return None
+
+    def _waits_for_pretraining(self, config: RunConfig, outcome: SuiteOutcome) -> bool:
+        """A run initialised from another run of this suite (``init_from``) starts once that run has finished."""
+        finished = (*outcome.done, *outcome.skipped, *outcome.failed)
+        return config.init_from in self.names and config.init_from not in finished
 
     def _finish(self, job: Job, code: int, outcome: SuiteOutcome) -> None:
         """Account for a finished run process: done if it left an "ok" record, failed otherwise."""

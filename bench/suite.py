@@ -14,6 +14,7 @@ Format (see ``bench/suites/quick.yaml``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -83,16 +84,35 @@ def expand_suite(spec: dict[str, Any], algorithms: list[str] | None = None) -> l
         if missing:
             raise ValueError(f"suite {name!r} has no algorithm(s) {missing}; it has {sorted(chosen)}")
         chosen = {a: chosen[a] for a in algorithms}
-    runs = []
-    for algorithm, algorithm_fields in chosen.items():
-        for values in itertools.product(*grid.values()):
+    runs: dict[tuple[str, int], RunConfig] = {}  # by (algorithm, index of the grid point)
+    for algorithm, algorithm_fields in spec["algorithms"].items():
+        for point, values in enumerate(itertools.product(*grid.values())):
             fields = _merge(_merge({"suite": name, **spec.get("defaults", {})}, dict(zip(grid, values))),
                             {"algorithm": algorithm, **(algorithm_fields or {})})
             for override in spec.get("overrides", []):
                 if all(fields.get(k) == v for k, v in override["when"].items()):
                     fields = _merge(fields, override["set"])
-            runs.append(RunConfig.from_dict(fields))
-    return runs
+            runs[algorithm, point] = RunConfig.from_dict(fields)
+    resolve_init_from(runs, name)
+    return [config for (algorithm, _), config in runs.items() if algorithm in chosen]
+
+
+def resolve_init_from(runs: dict[tuple[str, int], RunConfig], suite: str) -> None:
+    """``init_from: <algorithm of this suite>`` -> the name of that algorithm's run at the same grid point,
+    which is told to save its weights (``save_weights`` does not change its key). Other values name a run
+    directly and are kept."""
+    algorithms = {algorithm for algorithm, _ in runs}
+    sources = {point: config.init_from for point, config in runs.items()}
+    for (algorithm, point), source in sources.items():
+        if source not in algorithms:
+            continue
+        if source == algorithm:
+            raise ValueError(f"suite {suite!r}: {algorithm} cannot be initialised from its own run (init_from)")
+        if sources[source, point] in algorithms:
+            raise ValueError(f"suite {suite!r}: {algorithm} is initialised from {source}, which is itself "
+                             "initialised from another algorithm of the suite; chains are not supported")
+        pretraining = runs[source, point] = dataclasses.replace(runs[source, point], save_weights=True)
+        runs[algorithm, point] = dataclasses.replace(runs[algorithm, point], init_from=pretraining.name)
 
 
 def load_suite(name_or_path: str, algorithms: list[str] | None = None,

@@ -19,6 +19,7 @@ from typing import ClassVar
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.functional.classification import multiclass_accuracy
 
@@ -61,6 +62,12 @@ class EpisodicTask(pl.LightningModule):
         self.execution: dict = {}  # how the run executed (e.g. the loop/vmap choice); copied into the run record
 
     # -- what an algorithm implements --------------------------------------------------------
+    def embedding_network(self) -> nn.Module:
+        """The feature extractor one run can hand to another (``save_weights`` / ``init_from``, bench.weights)."""
+        raise ValueError(f"{type(self).__name__} has no stand-alone embedding network to save or initialise "
+                         "from another run; init_from/save_weights work with baseline, baselinepp, protonet, "
+                         "matching and siamese")
+
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -93,6 +93,9 @@ class Baseline(EpisodicTask):
         self.head = CosineClassifier(dim, train_classes, scale) if classifier == "cosine" else nn.Linear(dim, train_classes)
 
     # -- pre-training on ordinary mini-batches ---------------------------------------------
+    def embedding_network(self) -> nn.Module:
+        return self.backbone
+
     def training_loss(self, batch: LabelledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, LabelledBatch):
             raise TypeError(f"{type(self).__name__} pre-trains on ordinary mini-batches over all training classes, "

@@ -103,6 +103,9 @@ class MatchingNet(EpisodicTask):
         mixture = self.attention(episode) @ one_hot_labels(episode.support_y, episode.ways, episode.support_x.dtype)
         return mixture.clamp_min(MIN_PROBABILITY).log()
 
+    def embedding_network(self) -> nn.Module:
+        return self.encoder
+
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         log_probabilities = self.log_probabilities(episode)
         loss = F.nll_loss(log_probabilities.flatten(0, 1), episode.query_y.flatten())

@@ -7,6 +7,7 @@ the paper's Omniglot setting: Conv-4 with 64 filters, Adam at 1e-3 halved every 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from datamodules.episodes import Episode
 from tasks.backbones import Conv4
@@ -44,6 +45,9 @@ class ProtoNet(EpisodicTask):
     def logits(self, episode: Episode) -> torch.Tensor:
         support, queries = self.embed(episode)
         return -squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+
+    def embedding_network(self) -> nn.Module:
+        return self.encoder
 
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(episode)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from datamodules.episodes import Episode
 from tasks.backbones import Conv4
@@ -81,6 +82,9 @@ class Siamese(EpisodicTask):
         """Squared embedding distances ``[tasks, q, n]`` of every (query, support) pair."""
         support, queries = embed_episode(self.encoder, episode)
         return squared_distances(queries, support)
+
+    def embedding_network(self) -> nn.Module:
+        return self.encoder
 
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         squared = self.pair_distances(episode)

@@ -195,6 +195,25 @@ def test_run_claimed_by_another_scheduler_is_waited_for_not_duplicated(tmp_path)
     assert runs[1].name in outcome.skipped and "held by another scheduler" in log
 
 
+def test_a_run_initialised_from_another_waits_for_it_while_others_run(tmp_path):
+    pretraining = RunConfig(algorithm="baseline", steps=2, suite="fake", save_weights=True)
+    episodic = RunConfig(algorithm="protonet", steps=2, suite="fake", init_from=pretraining.name)
+    runs = [episodic, *configs(2), pretraining]  # the dependent run first: order alone would start it first
+
+    class CheckingLauncher(FakeLauncher):
+        def start(self, job: Job) -> FakeHandle:
+            if job.config.init_from:
+                running = {name for name, slot, _ in self.started if slot in self.busy}
+                assert pretraining.name not in running and (job.results / f"{pretraining.name}.json").exists()
+            return super().start(job)
+
+    launcher = CheckingLauncher()
+    outcome, _ = schedule(runs, tmp_path, device_slots([], workers=2, cpu_count=2), launcher)
+    order = [name for name, _, _ in launcher.started]
+    assert sorted(outcome.done) == sorted(c.name for c in runs) and not outcome.failed
+    assert order.index(pretraining.name) < order.index(episodic.name) and order[0] != episodic.name
+
+
 def test_duplicate_runs_in_a_suite_are_refused(tmp_path):
     with pytest.raises(ValueError, match="same run twice"):
         Scheduler(configs(2) + configs(1), tmp_path, device_slots([], cpu_count=1))
