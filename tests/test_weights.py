@@ -24,6 +24,7 @@ TWO_STAGE_SUITE = {
         "protonet": {"init_from": "baseline", "train_ways": 20},  # listed first on purpose
         "baseline": {"dataset_args": {"train_mode": "batches", "batch_size": 8}},
         "matching": {},
+        "protonet-5way": {"algorithm": "protonet", "init_from": "baseline", "shots": 5, "train_ways": 5},
     },
 }
 
@@ -37,6 +38,10 @@ def test_init_from_an_algorithm_of_the_suite_names_its_run_at_the_same_grid_poin
         # Saving weights is not part of what a run computes: the pre-training keeps the key it has alone.
         alone = RunConfig(**{**pretraining.to_dict(), "save_weights": False})
         assert alone.key() == pretraining.key()
+    # An entry named differently from its algorithm, with its own shots, starts from the same grid point's run.
+    variants = [c for c in expand_suite(TWO_STAGE_SUITE) if c.train_ways == 5]
+    assert [(c.algorithm, c.shots, c.init_from) for c in variants] == \
+        [("protonet", 5, runs["baseline", 1].name), ("protonet", 5, runs["baseline", 5].name)]
     # The run named depends on the pre-training run's configuration (its name carries its key).
     changed = {**TWO_STAGE_SUITE, "algorithms": {**TWO_STAGE_SUITE["algorithms"], "baseline": {"steps": 3}}}
     assert {c.key() for c in expand_suite(changed) if c.algorithm == "protonet"}.isdisjoint(
