@@ -5,6 +5,8 @@
 * ``suite NAME``: run a suite's pending runs over a device pool (resumable), print the table.
 * ``leaderboard``: rebuild the leaderboard files from the records.
 * ``regress``: run the ``ci`` suite and compare it with the committed baseline (``--update`` rewrites it).
+* ``temperature SUITE``: the loss of a ProtoNet run's first training episodes at each temperature, from the
+  backbone it starts with (pick the temperature before training from a pre-trained backbone).
 * ``wandb-sync`` / ``report``: upload offline W&B runs; build a W&B report of a suite.
 """
 from __future__ import annotations
@@ -91,6 +93,17 @@ def _leaderboard_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--wandb-group", default="leaderboard", help="W&B group of the run that gets the plots")
 
 
+def _temperature_parser(sub: argparse._SubParsersAction) -> None:
+    from bench import temperature
+
+    parser = sub.add_parser("temperature", help="loss of a ProtoNet run's first training episodes per temperature")
+    parser.add_argument("name", help="suite name under bench/suites or a YAML path")
+    parser.add_argument("--algorithms", default="", help="comma-separated protonet entries of the suite")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="records (and weights) folder")
+    parser.add_argument("--episodes", type=int, default=5, help="training episodes averaged")
+    parser.add_argument("--temperatures", default=",".join(f"{t:g}" for t in temperature.TEMPERATURES))
+
+
 def _regress_parser(sub: argparse._SubParsersAction) -> None:
     from bench import regress
 
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     _suite_parser(sub)
     _leaderboard_parser(sub)
     _regress_parser(sub)
+    _temperature_parser(sub)
     sub.add_parser("wandb-sync", help="upload offline W&B runs (needs WANDB_API_KEY or `wandb login`, and network)")
     report = sub.add_parser("report", help="build a W&B report of a suite (online), else point to the HTML")
     report.add_argument("--suite", default=os.environ.get("SUITE", "quick"))
@@ -195,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.regress import regress_command
 
             return regress_command(args)
+        if args.command == "temperature":
+            from bench.temperature import temperature_command
+
+            return temperature_command(args.name, [a for a in args.algorithms.split(",") if a], args.results,
+                                       args.episodes, [float(t) for t in args.temperatures.split(",") if t])
         if args.command == "wandb-sync":
             from bench.report import sync_offline_runs
 

@@ -3,6 +3,13 @@
 Each class is represented by the mean embedding (prototype) of its support examples; a query is
 classified by a softmax over negative squared Euclidean distances to the prototypes. Defaults follow
 the paper's Omniglot setting: Conv-4 with 64 filters, Adam at 1e-3 halved every 2000 episodes.
+
+``temperature`` divides the distances before the softmax (1 = the paper). Training episodically from a
+backbone pre-trained as a classifier needs it: that backbone's squared distances are in the hundreds, so at
+temperature 1 the softmax is nearly one-hot and the first episodes' loss is several times its minimum over
+temperatures; its gradients then reshape the backbone to shrink distances rather than to separate classes.
+Ye et al. 2020 ("Few-Shot Learning via Embedding Adaptation with Set-to-Set Functions", FEAT) fine-tune a
+pre-trained ProtoNet with such a temperature; Oreshkin et al. 2018 (TADAM) call it metric scaling.
 """
 from __future__ import annotations
 
@@ -30,8 +37,12 @@ class ProtoNet(EpisodicTask):
     """Prototypical Networks on a Conv-4 embedding (see module docstring)."""
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
-                 lr: float = 1e-3, lr_decay_every: int = 2000, lr_decay: float = 0.5) -> None:
+                 lr: float = 1e-3, lr_decay_every: int = 2000, lr_decay: float = 0.5,
+                 temperature: float = 1.0) -> None:
         super().__init__(ways=ways, lr=lr, lr_decay_every=lr_decay_every, lr_decay=lr_decay)
+        if not temperature > 0:
+            raise ValueError(f"protonet: temperature must be positive (got {temperature}); 1 is the paper's "
+                             "softmax over negative squared distances")
         self.save_hyperparameters()
         self.encoder = Conv4(in_channels, hidden, image_size)
 
@@ -44,7 +55,8 @@ class ProtoNet(EpisodicTask):
 
     def logits(self, episode: Episode) -> torch.Tensor:
         support, queries = self.embed(episode)
-        return -squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+        distances = squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+        return -distances / self.hparams.temperature
 
     def embedding_network(self) -> nn.Module:
         return self.encoder

@@ -34,6 +34,19 @@ def test_prototypes_and_distances_match_a_direct_computation():
     assert torch.allclose(squared_distances(queries, centres), direct, atol=1e-5)
 
 
+def test_protonet_temperature_divides_the_logits_and_keeps_the_predictions():
+    torch.manual_seed(0)
+    plain, tempered = ProtoNet(image_size=16), ProtoNet(image_size=16, temperature=16.0)
+    tempered.load_state_dict(plain.state_dict())
+    episode = tiny_episode(ways=5, shots=2)
+    with torch.no_grad():
+        logits, scaled = plain.predict(episode), tempered.predict(episode)
+    assert torch.allclose(scaled * 16.0, logits, rtol=1e-5, atol=1e-4)
+    assert torch.equal(scaled.argmax(-1), logits.argmax(-1))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        ProtoNet(image_size=16, temperature=0.0)
+
+
 def test_maml_second_order_meta_gradient_matches_finite_differences():
     torch.manual_seed(0)
     task = MAML(ways=3, hidden=3, image_size=16, inner_lr=0.3, inner_steps=2).double()
