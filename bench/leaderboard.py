@@ -84,7 +84,8 @@ class Entry:
     @property
     def training(self) -> str:
         """How the run trained where a table's protocol does not say: its suite, a training episode shape
-        other than the test one, the training-only data options it turned on (e.g. augmentation), and the
+        other than the test one, the training-only data options it turned on (e.g. augmentation), the
+        hyper-parameters that change the method itself (a ProtoNet temperature), and the
         run whose weights it started from (``init_from``; that run's own row shows its budget)."""
         config = self.config
         parts = [config.get("suite") or "adhoc"]
@@ -95,6 +96,8 @@ class Entry:
         args = config.get("dataset_args") or {}
         parts += [name if value is True else f"{name}={value}" for name, value in sorted(args.items())
                   if name in TRAINING_ONLY_ARGS and name not in SHOWN_ELSEWHERE and value not in (False, None)]
+        parts += [f"{name} {value:g}" for name, value in sorted((config.get("hparams") or {}).items())
+                  if name in METHOD_HPARAMS]
         if config.get("init_from"):  # a run name: <algorithm>-<dataset>-<setting>-seed<n>-<key>
             source = config["init_from"]
             parts.append(f"backbone from {source.split('-')[0]} run {source.rsplit('-', 1)[-1]}")
@@ -152,6 +155,8 @@ class Leaderboard:
 TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "crop_padding", "download",
                                 "normalization", "train_rotations", "affine_augmentation"})
 SHOWN_ELSEWHERE = frozenset({"train_mode", "batch_size", "download"})  # the budget column shows batch training
+# Algorithm arguments that change the method, not only its optimisation (shown in the training column).
+METHOD_HPARAMS = frozenset({"temperature"})
 
 
 @functools.lru_cache(maxsize=None)
