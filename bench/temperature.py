@@ -32,7 +32,6 @@ def episode_losses(config: RunConfig, results: Path, temperatures: Sequence[floa
     from the backbone the run starts with; ``{"losses": {T: loss}, "best": T, ...}``."""
     from bench.runner import build_datamodule, build_task
     from bench.weights import load_embedding
-    from tasks.protonet import ProtoNet, prototypes, squared_distances
 
     if config.algorithm != "protonet":
         raise ValueError(f"temperature: {config.name} is a {config.algorithm} run; the temperature is ProtoNet's "
@@ -43,7 +42,6 @@ def episode_losses(config: RunConfig, results: Path, temperatures: Sequence[floa
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
     task = build_task(config, datamodule)
-    assert isinstance(task, ProtoNet)
     provenance = load_embedding(task, results, config.init_from) if config.init_from else None
     task.train()  # BatchNorm as in training: the statistics of each episode
     stream = iter(datamodule.train_dataloader())
@@ -51,8 +49,7 @@ def episode_losses(config: RunConfig, results: Path, temperatures: Sequence[floa
     with torch.no_grad():
         for _ in range(episodes):
             episode = datamodule.on_after_batch_transfer(next(stream), 0)
-            support, queries = task.embed(episode)
-            distances = squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+            distances = task.distances(episode)  # before the run's own temperature
             targets = episode.query_y.flatten()
             for index, temperature in enumerate(temperatures):
                 totals[index] += task.loss_fn((-distances / temperature).flatten(0, 1), targets).item()

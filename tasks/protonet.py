@@ -53,10 +53,13 @@ class ProtoNet(EpisodicTask):
         features = self.encoder(images).view(tasks, -1, self.encoder.output_dim)
         return features[:, :n_support], features[:, n_support:]
 
-    def logits(self, episode: Episode) -> torch.Tensor:
+    def distances(self, episode: Episode) -> torch.Tensor:
+        """Squared Euclidean distances ``[tasks, queries, ways]`` of each query to each class prototype."""
         support, queries = self.embed(episode)
-        distances = squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
-        return -distances / self.hparams.temperature
+        return squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+
+    def logits(self, episode: Episode) -> torch.Tensor:
+        return -self.distances(episode) / self.hparams.temperature
 
     def embedding_network(self) -> nn.Module:
         return self.encoder
