@@ -153,7 +153,8 @@ class Leaderboard:
 
 # Data-module arguments that change how a model is trained, not which test episodes it sees.
 TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "crop_padding", "download",
-                                "normalization", "train_rotations", "affine_augmentation"})
+                                "normalization", "train_rotations", "affine_augmentation",
+                                "train_within_alphabet"})
 SHOWN_ELSEWHERE = frozenset({"train_mode", "batch_size", "download"})  # the budget column shows batch training
 # Algorithm arguments that change the method, not only its optimisation (shown in the training column).
 METHOD_HPARAMS = frozenset({"temperature"})

@@ -122,6 +122,10 @@ class EpisodicDataModule(pl.LightningDataModule):
         """The sampler of the fixed evaluation episodes (datasets may restrict it, e.g. alphabets)."""
         return EpisodeSampler(class_ids, self.store.per_class, self.ways, self.shots, self.queries)
 
+    def train_sampler(self, class_ids: torch.Tensor, ways: int, shots: int, queries: int) -> EpisodeSampler:
+        """The sampler of the training episodes (datasets may restrict it, e.g. to one alphabet per episode)."""
+        return EpisodeSampler(class_ids, self.store.per_class, ways, shots, queries)
+
     def task_arguments(self) -> dict:
         """Constructor arguments an algorithm may take from the data (input channels, image size, number of training classes)."""
         channels, height, _ = self.store.image_shape
@@ -164,7 +168,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             ways, shots, queries = settings[split]
             self._check_request(split, class_ids, ways, shots, queries)
             if split == "train":
-                self.samplers[split] = EpisodeSampler(class_ids, self.store.per_class, ways, shots, queries)
+                self.samplers[split] = self.train_sampler(class_ids, ways, shots, queries)
             else:
                 self.samplers[split] = self.eval_sampler(split, class_ids)
                 count = self.val_episodes if split == "val" else self.test_episodes

@@ -130,23 +130,27 @@ class OmniglotDataModule(EpisodicDataModule):
     ``train_rotations`` (Lake split only): the 90/180/270-degree rotations of the background characters
     are extra training classes, the augmentation of Santoro et al. 2016 and Vinyals et al. 2016; the
     evaluation characters stay unrotated, so the test episodes do not change.
+    ``train_within_alphabet`` (Lake split only): every training episode takes its classes from one background
+    alphabet at one rotation, as the test episodes do (alphabets with fewer than ``train_ways`` characters
+    are never drawn): the model trains on the hard distinctions it is tested on.
     ``affine_augmentation``: every training image gets its own random rotation, shear, scale and shift
     (Koch et al. 2015, the Siamese networks of the Lake split), seeded from ``seed`` and the rank.
     """
 
     def __init__(self, split: str = "vinyals", image_size: int = 28, download: bool = True,
                  within_alphabet: bool = False, train_rotations: bool = False, affine_augmentation: bool = False,
-                 **episode_args) -> None:
+                 train_within_alphabet: bool = False, **episode_args) -> None:
         if split not in ("vinyals", "lake"):
             raise DataError(f"unknown Omniglot split {split!r}: use 'vinyals' or 'lake'")
-        for option, value in (("within_alphabet", within_alphabet), ("train_rotations", train_rotations)):
+        for option, value in (("within_alphabet", within_alphabet), ("train_rotations", train_rotations),
+                              ("train_within_alphabet", train_within_alphabet)):
             if value and split != "lake":
                 raise DataError(f"{option}=True belongs to the Lake et al. 2015 protocol: use it with split='lake' "
                                 "(the Vinyals split always has rotations as classes)")
         super().__init__(**episode_args)
         self.split, self.image_size, self.download = split, image_size, download
         self.within_alphabet, self.train_rotations = within_alphabet, train_rotations
-        self.affine_augmentation = affine_augmentation
+        self.affine_augmentation, self.train_within_alphabet = affine_augmentation, train_within_alphabet
 
     @property
     def name(self) -> str:
@@ -155,14 +159,26 @@ class OmniglotDataModule(EpisodicDataModule):
     def eval_sampler(self, split: str, class_ids: torch.Tensor) -> EpisodeSampler:
         if not self.within_alphabet:
             return super().eval_sampler(split, class_ids)
-        alphabet_names = [self.store.class_names[c].split("/")[0] for c in class_ids.tolist()]
-        alphabet_index = {name: i for i, name in enumerate(sorted(set(alphabet_names)))}
-        alphabets = torch.tensor([alphabet_index[name] for name in alphabet_names])
-        largest = int(alphabets.bincount().max())
-        if self.ways > largest:
-            raise DataError(f"{self.name} {split}: {self.ways}-way episodes within one alphabet need an alphabet "
-                            f"with {self.ways} characters; the largest has {largest}. Use ways <= {largest}.")
-        return GroupedEpisodeSampler(class_ids, alphabets, self.store.per_class, self.ways, self.shots, self.queries)
+        return self._alphabet_sampler(split, class_ids, self.ways, self.shots, self.queries)
+
+    def train_sampler(self, class_ids: torch.Tensor, ways: int, shots: int, queries: int) -> EpisodeSampler:
+        if not self.train_within_alphabet:
+            return super().train_sampler(class_ids, ways, shots, queries)
+        return self._alphabet_sampler("train", class_ids, ways, shots, queries)
+
+    def _alphabet_sampler(self, split: str, class_ids: torch.Tensor, ways: int, shots: int,
+                          queries: int) -> GroupedEpisodeSampler:
+        """Episodes whose classes share one alphabet and one rotation (evaluation classes are unrotated)."""
+        groups = [(name.split("/")[0], name.split("/")[-1]) for name in
+                  (self.store.class_names[c] for c in class_ids.tolist())]
+        group_index = {group: i for i, group in enumerate(sorted(set(groups)))}
+        group_ids = torch.tensor([group_index[group] for group in groups])
+        largest = int(group_ids.bincount().max())
+        if ways > largest:
+            option = "train_ways" if split == "train" else "ways"
+            raise DataError(f"{self.name} {split}: {ways}-way episodes within one alphabet need an alphabet "
+                            f"with {ways} characters; the largest has {largest}. Use {option} <= {largest}.")
+        return GroupedEpisodeSampler(class_ids, group_ids, self.store.per_class, ways, shots, queries)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         return random_affine(images, self.augment_generator()) if self.affine_augmentation else images

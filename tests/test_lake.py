@@ -59,6 +59,30 @@ def test_within_alphabet_requests_that_cannot_work_are_named():
         datamodule.setup()
 
 
+def test_training_within_alphabet_draws_each_episode_from_one_background_alphabet_at_one_rotation(lake_module):
+    datamodule = OmniglotDataModule(split="lake", within_alphabet=True, train_within_alphabet=True,
+                                    train_rotations=True, ways=20, shots=1, queries=1, train_queries=5,
+                                    meta_batch=64, eval_batch=25, val_episodes=50, test_episodes=400)
+    datamodule.setup()
+    per_class = datamodule.store.per_class
+    train = next(iter(datamodule.train_dataloader()))["indices"][:, :, 0] // per_class
+    names = [[datamodule.store.class_names[c] for c in row.tolist()] for row in train]
+    groups = [{(name.split("/")[0], name.split("/")[-1]) for name in row} for row in names]
+    assert all(len(group) == 1 for group in groups)                          # one alphabet, one rotation
+    assert len({group.pop()[1] for group in groups}) > 1                     # but all four rotations occur
+    assert all(row.unique().numel() == 20 for row in train)
+    background = set(alphabet_of(datamodule, datamodule.split_classes("train")))
+    assert set(alphabet_of(datamodule, train.flatten())) <= background
+    # Only training changes: the test and validation episodes are the flag-free module's.
+    for split in ("val", "test"):
+        assert torch.equal(datamodule.episodes[split], lake_module.episodes[split])
+    too_wide = OmniglotDataModule(split="lake", train_within_alphabet=True, ways=5, train_ways=56)
+    with pytest.raises(DataError, match="need an alphabet with 56 characters; the largest has 55. Use train_ways <= 55"):
+        too_wide.setup()
+    with pytest.raises(DataError, match="use it with split='lake'"):
+        OmniglotDataModule(split="vinyals", train_within_alphabet=True)
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_meta_batch_is_one_vectorised_call_whatever_its_size(grouped, count_ops):
     class_ids = torch.arange(100, 160)
