@@ -1,0 +1,45 @@
+"""The harness's malloc setting: large blocks freed by one training step are reused by the next without
+faulting their pages in again (bench/allocator.py). Measured in fresh processes, whose heaps start alike."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.allocator import _glibc, keep_freed_memory
+
+STEPS = """
+import json, resource, sys, torch
+from bench.allocator import keep_freed_memory
+setting = keep_freed_memory() if sys.argv[1] == "reuse" else None
+faults = []
+for _ in range(4):  # a "step": eight 16 MiB activations alive at once, written, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(4 * 2 ** 20) for _ in range(8)]
+    del blocks
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"setting": setting, "faults": faults}))
+"""
+
+
+def minor_faults_per_step(mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1], env={"PYTHONPATH": "."}, timeout=120)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(_glibc() is None, reason="mallopt is a glibc function")
+def test_freed_blocks_are_reused_without_page_faults_where_glibc_faults_them_in_every_step():
+    default, reuse = minor_faults_per_step("default"), minor_faults_per_step("reuse")
+    assert min(default["faults"]) > 16000        # glibc unmaps the blocks: 32,768 pages faulted in each step
+    assert reuse["setting"] == {"malloc": "reuse freed memory",
+                                "mallopt": {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2 ** 31 - 1}}
+    assert reuse["faults"][-1] < 100             # once the heap has grown, nothing faults
+
+
+def test_the_environment_can_leave_the_c_library_as_it_is(monkeypatch):
+    monkeypatch.setenv("METABENCH_ALLOCATOR", "default")
+    assert keep_freed_memory() == {"malloc": "default", "why": "METABENCH_ALLOCATOR=default"}
