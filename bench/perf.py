@@ -247,7 +247,7 @@ def _datamodule(dataset: str, meta_batch: int, ways: int, shots: int, queries: i
     return datamodule
 
 
-GLIBC_ABLATION = "glibc's default malloc"
+GLIBC_ABLATION = "glibc's default malloc thresholds"
 
 
 def allocator_reuses_memory() -> bool:

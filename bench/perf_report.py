@@ -186,10 +186,10 @@ def _optimisations(section: dict) -> list[str]:
                          "(opt-in: it changes rounding; float32 stays the default so records stay comparable; the "
                          "accuracy check is in leaderboard/NOTES.md).")
     for label in ("MAML", "FOMAML"):
-        ablated, name = f"ablation: ours {label}, glibc's default malloc", f"ours {label}"
+        ablated, name = f"ablation: ours {label}, glibc's default malloc thresholds", f"ours {label}"
         if ablated in workloads and name in workloads:
             value = ratio(workloads[ablated]["seconds"], workloads[name]["seconds"])
-            lines.append(f"- Memory allocator ({label}): glibc's default malloc / freed memory kept for reuse (used, "
+            lines.append(f"- Memory allocator ({label}): glibc's default thresholds (fixed) / freed memory kept for reuse (used, "
                          f"`bench/allocator.py`) = {value['ratio']:.2f}× "
                          f"({'kept' if value['ratio'] > 1 else '**no gain here**'}; glibc maps each large block afresh "
                          "and faults its pages in on every step; learn2learn's workloads run in this process too).")
