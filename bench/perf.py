@@ -25,11 +25,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from bench.allocator import GLIBC_DEFAULTS, REUSE, keep_freed_memory, set_malloc_parameters
 from bench.perf_report import render
 from bench.perf_sampling import l2l_stock_omniglot_taskset, sampler_workloads
 from bench.perf_timing import Workload, interleaved, peak_memory, ratio, summary
@@ -67,8 +65,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     result = {"schema": SCHEMA, "created": now_iso(), "git": git_state(), "versions": package_versions(),
               "hardware": hardware(device),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "load_average_before": _load_average(), "targets": TARGETS,
-              "allocator": keep_freed_memory()}  # as every run of the harness (bench.runner)
+              "load_average_before": _load_average(), "targets": TARGETS}
     say = (lambda message: None) if args.quiet else \
         (lambda message: print(f"{time.perf_counter() - started:6.0f}s {message}", flush=True))
     say(f"[perf] {result['hardware']['cpu_model']} / {device}, torch {torch.__version__}, "
@@ -181,10 +178,6 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
             workloads.append(Workload(f"ablation: ours {label}, {layout_name}", step))
         _, step = our_protonet(twenty_way, hidden, device, channels_last=other_layout)
         workloads.append(Workload(f"ablation: ours ProtoNet, {layout_name}", step))
-        if device.type == "cpu" and allocator_reuses_memory():
-            for key, label, first_order in MAML_VARIANTS:
-                _, step = our_maml(five_way, tasks, hidden, first_order, device)
-                workloads.append(Workload(f"ablation: ours {label}, {GLIBC_ABLATION}", with_glibc_defaults(step)))
     say("[perf] meta-iterations: timing (the warm-up also resolves vectorize='auto')")
     seconds = interleaved(workloads, args.rounds, args.warmup, device, say)
     if not args.no_ablations:  # the mode 'auto' did not choose, for the record
@@ -245,25 +238,6 @@ def _datamodule(dataset: str, meta_batch: int, ways: int, shots: int, queries: i
     flat = datamodule.store.flat("cpu")  # a cached store is memory-mapped: read every page in before timing
     flat.view(-1)[::4096].sum()
     return datamodule
-
-
-GLIBC_ABLATION = "glibc's default malloc thresholds"
-
-
-def allocator_reuses_memory() -> bool:
-    """Whether this process keeps freed memory (:mod:`bench.allocator`), so that glibc's defaults can be ablated."""
-    return keep_freed_memory()["malloc"] != "default"
-
-
-def with_glibc_defaults(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` run under glibc's default malloc thresholds (fresh mmap per large block), then back to reuse."""
-    def ablated() -> None:
-        set_malloc_parameters(GLIBC_DEFAULTS)
-        try:
-            step()
-        finally:
-            set_malloc_parameters(REUSE)
-    return ablated
 
 
 def _load_average() -> list[float] | None:

@@ -59,19 +59,12 @@ def _preamble(result: dict) -> str:
         command = f"python -m bench.perf --name {name}"
     return (f"`{command}` on {result['created']}: {hw.get('cpu_model') or hw.get('cpu')} "
             f"({hw.get('cpu_count')} CPUs, {hw.get('torch_threads')} torch threads), device **{device}**; "
-            f"torch {versions.get('torch')}, learn2learn {versions.get('learn2learn')}, commit {commit}"
-            f"{_allocator(result.get('allocator'))}. "
+            f"torch {versions.get('torch')}, learn2learn {versions.get('learn2learn')}, commit {commit}. "
             f"Every number is the median of {settings['rounds']} rounds after {settings['warmup']} warm-up "
             f"round(s), all workloads of a section interleaved in one process (so load from other processes hits "
             f"ours and learn2learn's alike); per-round ratios show the spread. Load average "
             f"{_load(result.get('load_average_before'))} before, {_load(result.get('load_average_after'))} after; "
             f"the whole benchmark took {result.get('wall_seconds', 0):.0f} s. Raw timings: `{name}.json`.")
-
-
-def _allocator(allocator: dict | None) -> str:
-    if not allocator:
-        return ""  # recorded before bench/allocator.py existed
-    return f"; malloc: {allocator['malloc']}" + (f" ({allocator['why']})" if "why" in allocator else "")
 
 
 def _load(value) -> str:
@@ -185,14 +178,6 @@ def _optimisations(section: dict) -> list[str]:
                          f"{'offered' if value['ratio'] > 1.05 else 'no gain here'} as `precision: bf16-mixed` "
                          "(opt-in: it changes rounding; float32 stays the default so records stay comparable; the "
                          "accuracy check is in leaderboard/NOTES.md).")
-    for label in ("MAML", "FOMAML"):
-        ablated, name = f"ablation: ours {label}, glibc's default malloc thresholds", f"ours {label}"
-        if ablated in workloads and name in workloads:
-            value = ratio(workloads[ablated]["seconds"], workloads[name]["seconds"])
-            lines.append(f"- Memory allocator ({label}): glibc's default thresholds (fixed) / freed memory kept for reuse (used, "
-                         f"`bench/allocator.py`) = {value['ratio']:.2f}× "
-                         f"({'kept' if value['ratio'] > 1 else '**no gain here**'}; glibc maps each large block afresh "
-                         "and faults its pages in on every step; learn2learn's workloads run in this process too).")
     for key, choice in section.get("vectorize", {}).items():
         seconds = choice.get("seconds") or {}
         timing = ", ".join(f"{mode} {value:.3g} s" for mode, value in seconds.items())

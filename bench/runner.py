@@ -13,7 +13,6 @@ import pytorch_lightning as pl
 import torch
 
 from bench.config import RunConfig
-from bench.allocator import keep_freed_memory
 from bench.records import SCHEMA, git_state, hardware, now_iso, package_versions, write_record
 from bench.weights import load_embedding, save_embedding
 from datamodules import datamodule_class
@@ -184,7 +183,6 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
     record: dict[str, Any] = {
         "schema": SCHEMA, "key": config.key(), "name": config.name, "config": config.to_dict(),
         "seed": config.seed, "git": git_state(), "versions": package_versions(), "created": now_iso(),
-        "allocator": keep_freed_memory(),
     }
     path = Path(results_dir) / f"{config.name}.json"
     try:
