@@ -39,6 +39,25 @@ def inside_task_vmap() -> bool:
     return _UNDER_TASK_VMAP.get()
 
 
+_DIFFERENTIATED_TWICE = contextvars.ContextVar("metabench_differentiated_twice", default=False)
+
+
+@contextlib.contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """Marks a forward pass whose graph will be differentiated twice: the support pass of a second-order
+    inner step (MAML, Meta-SGD), whose gradient keeps its graph for the meta-gradient. Conv-4 picks its
+    memory layout for such a pass by itself (see :meth:`Conv4.uses_channels_last`)."""
+    token = _DIFFERENTIATED_TWICE.set(True)
+    try:
+        yield
+    finally:
+        _DIFFERENTIATED_TWICE.reset(token)
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def batch_stats_norm(inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
     """BatchNorm with the current batch's statistics (biased variance), in primitive ops.
@@ -105,7 +124,11 @@ class Conv4(nn.Module):
 
     ``channels_last`` runs the blocks on channels-last (NHWC) activations; ``None`` (default) does so
     on CPU, where oneDNN's convolution, BatchNorm and pooling kernels are markedly faster in that
-    layout (``make perf`` measures it: leaderboard/perf.md), and keeps PyTorch's default elsewhere.
+    layout (``make perf`` measures it: leaderboard/perf.md), and keeps PyTorch's default elsewhere --
+    except for a pass :func:`differentiated_twice` under bfloat16 autocast, which keeps the default
+    layout: the double backward of bfloat16 BatchNorm is slow in channels-last on CPU (second-order
+    MAML in bf16-mixed: 1.72 s -> 1.48 s per meta-iteration, 2 threads, AMD EPYC Zen 4; in float32 the
+    difference was within noise, 2%, so float32 keeps channels-last and its records are unchanged).
     Only the memory layout changes, not the values computed.
     """
 
@@ -117,9 +140,16 @@ class Conv4(nn.Module):
         self.output_dim = hidden * conv4_output_size(image_size, blocks) ** 2
         self.channels_last = channels_last
 
+    def uses_channels_last(self, images: torch.Tensor) -> bool:
+        """Whether a forward pass on ``images`` runs channels-last (the class docstring says when)."""
+        if _UNDER_TASK_VMAP.get():
+            return False
+        if self.channels_last is not None:
+            return self.channels_last
+        return images.device.type == "cpu" and not (_DIFFERENTIATED_TWICE.get() and _cpu_bf16_autocast())
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        use = self.channels_last if self.channels_last is not None else images.device.type == "cpu"
-        if use and not _UNDER_TASK_VMAP.get():
+        if self.uses_channels_last(images):
             # .to() (not .contiguous()) also re-strides single-channel images, whose NCHW strides would
             # otherwise count as channels-last and send every layer down the NCHW path.
             images = images.to(memory_format=torch.channels_last)

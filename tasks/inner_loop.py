@@ -8,13 +8,14 @@ loop over the tasks of a meta-batch or under :func:`torch.func.vmap`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tasks.backbones import inside_task_vmap, under_task_vmap
+from tasks.backbones import differentiated_twice, inside_task_vmap, under_task_vmap
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,8 +68,9 @@ def _autograd_gradients(support_loss: Callable[[Params, Params, torch.Tensor], t
             fast = {name: value.detach().requires_grad_() for name, value in fast.items()}
             frozen, inputs = _detached(frozen), inputs.detach()
         names = list(fast)
-        gradients = torch.autograd.grad(support_loss(fast, frozen, inputs), [fast[n] for n in names],
-                                        create_graph=keep_graph, allow_unused=True)
+        with differentiated_twice() if keep_graph else contextlib.nullcontext():
+            loss = support_loss(fast, frozen, inputs)
+        gradients = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=keep_graph, allow_unused=True)
     return {name: torch.zeros_like(fast[name]) if gradient is None else gradient
             for name, gradient in zip(names, gradients)}
 

@@ -87,6 +87,28 @@ def test_channels_last_conv4_computes_the_same_function(channels):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bf16-mixed"])
+def test_second_order_support_pass_keeps_the_default_layout_under_bf16_autocast_only(precision):
+    """The support pass that is differentiated twice runs in the default layout under CPU bf16 autocast (its
+    BatchNorm double backward is slow in channels-last); the query pass, and everything in float32, stays
+    channels-last."""
+    torch.manual_seed(0)
+    task = MAML(vectorize=False, **TINY)
+    first_norm = task.network.backbone.blocks[0][1]
+    layouts: list[str] = []
+    first_norm.register_forward_pre_hook(lambda module, inputs: layouts.append(
+        "channels-last" if inputs[0].is_contiguous(memory_format=torch.channels_last) else "default"))
+    images = torch.rand(1, 3, 2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    episode = Episode.from_grouped(images, 1, torch.arange(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss, _ = task.training_loss(episode)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in task.parameters())
+    support, query = layouts
+    assert query == "channels-last"
+    assert support == ("default" if precision == "bf16-mixed" else "channels-last")
+
+
 def test_pooling_before_relu_is_the_conventional_block_exactly():
     torch.manual_seed(0)
     ours = Conv4(1, 8, 16, track_running_stats=False, channels_last=False)
