@@ -127,8 +127,8 @@ class Conv4(nn.Module):
     layout (``make perf`` measures it: leaderboard/perf.md), and keeps PyTorch's default elsewhere --
     except for a pass :func:`differentiated_twice` under bfloat16 autocast, which keeps the default
     layout: the double backward of bfloat16 BatchNorm is slow in channels-last on CPU (second-order
-    MAML in bf16-mixed: 1.72 s -> 1.48 s per meta-iteration, 2 threads, AMD EPYC Zen 4; in float32 the
-    difference was within noise, 2%, so float32 keeps channels-last and its records are unchanged).
+    MAML in bf16-mixed 1.40x faster this way, leaderboard/perf-amd-epyc-zen4.md; in float32 the
+    difference was within noise, ~2%, so float32 keeps channels-last and its records are unchanged).
     Only the memory layout changes, not the values computed.
     """
 
