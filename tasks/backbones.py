@@ -17,7 +17,16 @@ _UNDER_TASK_VMAP = contextvars.ContextVar("metabench_under_task_vmap", default=F
 
 
 @contextlib.contextmanager
-def under_task_vmap() -> Iterator[None]:
+def _raised(flag: contextvars.ContextVar) -> Iterator[None]:
+    """Set a boolean context flag for the duration of a ``with`` block."""
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
+
+
+def under_task_vmap() -> contextlib.AbstractContextManager[None]:
     """Marks code that runs under ``torch.func.vmap`` over the tasks of a meta-batch.
 
     Inside, batch-statistics BatchNorm is computed from primitive tensor ops: vmap gives wrong
@@ -27,11 +36,7 @@ def under_task_vmap() -> Iterator[None]:
     at any order. Outside, the fused kernel is used (faster, and identical to learn2learn's reference
     loop). Conv-4 also keeps the default memory layout inside (vmap cannot re-stride a batched tensor).
     """
-    token = _UNDER_TASK_VMAP.set(True)
-    try:
-        yield
-    finally:
-        _UNDER_TASK_VMAP.reset(token)
+    return _raised(_UNDER_TASK_VMAP)
 
 
 def inside_task_vmap() -> bool:
@@ -42,16 +47,11 @@ def inside_task_vmap() -> bool:
 _DIFFERENTIATED_TWICE = contextvars.ContextVar("metabench_differentiated_twice", default=False)
 
 
-@contextlib.contextmanager
-def differentiated_twice() -> Iterator[None]:
+def differentiated_twice() -> contextlib.AbstractContextManager[None]:
     """Marks a forward pass whose graph will be differentiated twice: the support pass of a second-order
     inner step (MAML, Meta-SGD), whose gradient keeps its graph for the meta-gradient. Conv-4 picks its
     memory layout for such a pass by itself (see :meth:`Conv4.uses_channels_last`)."""
-    token = _DIFFERENTIATED_TWICE.set(True)
-    try:
-        yield
-    finally:
-        _DIFFERENTIATED_TWICE.reset(token)
+    return _raised(_DIFFERENTIATED_TWICE)
 
 
 def _cpu_bf16_autocast() -> bool:
