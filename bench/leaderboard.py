@@ -157,7 +157,7 @@ TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "cro
                                 "train_within_alphabet"})
 SHOWN_ELSEWHERE = frozenset({"train_mode", "batch_size", "download"})  # the budget column shows batch training
 # Algorithm arguments that change the method, not only its optimisation (shown in the training column).
-METHOD_HPARAMS = frozenset({"temperature"})
+METHOD_HPARAMS = frozenset({"temperature", "metric"})
 
 
 @functools.lru_cache(maxsize=None)

@@ -49,10 +49,10 @@ def episode_losses(config: RunConfig, results: Path, temperatures: Sequence[floa
     with torch.no_grad():
         for _ in range(episodes):
             episode = datamodule.on_after_batch_transfer(next(stream), 0)
-            distances = task.distances(episode)  # before the run's own temperature
+            scores = task.scores(episode)  # before the run's own temperature
             targets = episode.query_y.flatten()
             for index, temperature in enumerate(temperatures):
-                totals[index] += task.loss_fn((-distances / temperature).flatten(0, 1), targets).item()
+                totals[index] += task.loss_fn((scores / temperature).flatten(0, 1), targets).item()
     losses = {float(t): float(total / episodes) for t, total in zip(temperatures, totals)}
     ways, shots = config.train_ways or config.ways, config.train_shots or config.shots
     return {"backbone": config.init_from, "run": config.name, "init": provenance, "episodes": episodes,

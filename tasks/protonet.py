@@ -10,10 +10,16 @@ temperature 1 the softmax is nearly one-hot and the first episodes' loss is seve
 temperatures; its gradients then reshape the backbone to shrink distances rather than to separate classes.
 Ye et al. 2020 ("Few-Shot Learning via Embedding Adaptation with Set-to-Set Functions", FEAT) fine-tune a
 pre-trained ProtoNet with such a temperature; Oreshkin et al. 2018 (TADAM) call it metric scaling.
+
+``metric="cosine"`` scores a query by its cosine similarity to each prototype instead (divided by the
+temperature: the scale of Chen et al. 2021, "Meta-Baseline: Exploring Simple Meta-Learning for Few-Shot
+Learning", whose meta stage is this classifier on a pre-trained backbone). It ignores the feature norms,
+which are large and vary from image to image in a backbone pre-trained as a classifier.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from datamodules.episodes import Episode
@@ -33,16 +39,27 @@ def squared_distances(queries: torch.Tensor, centres: torch.Tensor) -> torch.Ten
             + centres.pow(2).sum(-1).unsqueeze(1)).clamp_min(0)
 
 
+def cosine_similarities(queries: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``cos(q, c)`` for every query and centre: ``[tasks, n, dim] x [tasks, ways, dim] -> [tasks, n, ways]``."""
+    return F.normalize(queries, dim=-1) @ F.normalize(centres, dim=-1).transpose(1, 2)
+
+
+METRICS = ("euclidean", "cosine")
+
+
 class ProtoNet(EpisodicTask):
     """Prototypical Networks on a Conv-4 embedding (see module docstring)."""
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  lr: float = 1e-3, lr_decay_every: int = 2000, lr_decay: float = 0.5,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, metric: str = "euclidean") -> None:
         super().__init__(ways=ways, lr=lr, lr_decay_every=lr_decay_every, lr_decay=lr_decay)
         if not temperature > 0:
             raise ValueError(f"protonet: temperature must be positive (got {temperature}); 1 is the paper's "
                              "softmax over negative squared distances")
+        if metric not in METRICS:
+            raise ValueError(f"protonet: unknown metric {metric!r}; use 'euclidean' (Snell et al.'s squared "
+                             "distance) or 'cosine' (Chen et al. 2021)")
         self.save_hyperparameters()
         self.encoder = Conv4(in_channels, hidden, image_size)
 
@@ -53,13 +70,17 @@ class ProtoNet(EpisodicTask):
         features = self.encoder(images).view(tasks, -1, self.encoder.output_dim)
         return features[:, :n_support], features[:, n_support:]
 
-    def distances(self, episode: Episode) -> torch.Tensor:
-        """Squared Euclidean distances ``[tasks, queries, ways]`` of each query to each class prototype."""
+    def scores(self, episode: Episode) -> torch.Tensor:
+        """Scores ``[tasks, queries, ways]`` of each query for each class prototype, before the temperature:
+        negative squared Euclidean distances, or cosine similarities (``metric``)."""
         support, queries = self.embed(episode)
-        return squared_distances(queries, prototypes(support, episode.support_y, episode.ways))
+        centres = prototypes(support, episode.support_y, episode.ways)
+        if self.hparams.metric == "cosine":
+            return cosine_similarities(queries, centres)
+        return -squared_distances(queries, centres)
 
     def logits(self, episode: Episode) -> torch.Tensor:
-        return -self.distances(episode) / self.hparams.temperature
+        return self.scores(episode) / self.hparams.temperature
 
     def embedding_network(self) -> nn.Module:
         return self.encoder

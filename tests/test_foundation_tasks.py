@@ -47,6 +47,25 @@ def test_protonet_temperature_divides_the_logits_and_keeps_the_predictions():
         ProtoNet(image_size=16, temperature=0.0)
 
 
+def test_protonet_cosine_metric_scores_queries_by_the_angle_to_each_prototype():
+    torch.manual_seed(0)
+    task = ProtoNet(image_size=16, metric="cosine", temperature=0.1)
+    episode = tiny_episode(ways=5, shots=2)
+    task.eval()
+    with torch.no_grad():
+        logits = task.predict(episode)
+        support, queries = task.embed(episode)
+        centres = prototypes(support, episode.support_y, episode.ways)
+    for t in range(logits.shape[0]):
+        for q in range(logits.shape[1]):
+            for c in range(logits.shape[2]):
+                cosine = torch.nn.functional.cosine_similarity(queries[t, q], centres[t, c], dim=0)
+                assert torch.allclose(logits[t, q, c], cosine / 0.1, atol=1e-4)
+    assert logits.abs().max() <= 1 / 0.1 + 1e-4  # bounded by the scale, whatever the feature norms
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'.*'euclidean'.*'cosine'"):
+        ProtoNet(image_size=16, metric="manhattan")
+
+
 def test_maml_second_order_meta_gradient_matches_finite_differences():
     torch.manual_seed(0)
     task = MAML(ways=3, hidden=3, image_size=16, inner_lr=0.3, inner_steps=2).double()
