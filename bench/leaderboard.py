@@ -96,8 +96,8 @@ class Entry:
         args = config.get("dataset_args") or {}
         parts += [name if value is True else f"{name}={value}" for name, value in sorted(args.items())
                   if name in TRAINING_ONLY_ARGS and name not in SHOWN_ELSEWHERE and value not in (False, None)]
-        parts += [f"{name} {value:g}" for name, value in sorted((config.get("hparams") or {}).items())
-                  if name in METHOD_HPARAMS]
+        parts += [f"{name} {value:g}" if isinstance(value, (int, float)) else f"{name} {value}"
+                  for name, value in sorted((config.get("hparams") or {}).items()) if name in METHOD_HPARAMS]
         if config.get("init_from"):  # a run name: <algorithm>-<dataset>-<setting>-seed<n>-<key>
             source = config["init_from"]
             parts.append(f"backbone from {source.split('-')[0]} run {source.rsplit('-', 1)[-1]}")

@@ -125,7 +125,7 @@ def test_runs_on_default_episodes_share_a_table_and_training_only_arguments_do_n
 
 def test_training_column_tells_apart_runs_of_one_table(tmp_path):
     add_record(tmp_path, "protonet", scores(0.9), ways=20, train_ways=30, train_queries=5,
-               hparams={"temperature": 16.0, "lr": 0.01},
+               hparams={"temperature": 16.0, "lr": 0.01, "metric": "cosine"},
                dataset_args={"split": "lake", "train_rotations": True, "affine_augmentation": True})
     add_record(tmp_path, "maml", scores(0.8), ways=20, train_ways=20, dataset_args={"split": "lake", "download": False})
     add_record(tmp_path, "matching", scores(0.85), ways=20, init_from="baseline-omniglot-lake-20w1s-seed0-0123456789ab",
@@ -134,11 +134,12 @@ def test_training_column_tells_apart_runs_of_one_table(tmp_path):
                dataset_args={"split": "lake", "train_mode": "batches", "batch_size": 16, "crop_padding": 4})
     (table,) = collect(tmp_path, load_papers()).tables
     training = {entry.algorithm: entry.training for entry in table.entries}
-    assert training == {"protonet": "unit, train 30w1s5q, affine_augmentation, train_rotations, temperature 16",
+    assert training == {"protonet": "unit, train 30w1s5q, affine_augmentation, train_rotations, metric cosine, "
+                                    "temperature 16",
                         "maml": "unit", "baselinepp": "adhoc, crop_padding=4",
                         "matching": "unit, backbone from baseline run 0123456789ab"}
     markdown = render_markdown(collect(tmp_path, load_papers()), [], tmp_path)
-    assert "| unit, train 30w1s5q, affine_augmentation, train_rotations, temperature 16 |" in markdown
+    assert "| unit, train 30w1s5q, affine_augmentation, train_rotations, metric cosine, temperature 16 |" in markdown
 
 
 def test_runs_on_different_episode_sets_never_share_a_table(tmp_path):
