@@ -160,6 +160,11 @@ def _training(section: dict) -> list[str]:
     return lines
 
 
+def _layout_verdict(slowdown: float) -> str:
+    """How an ablated layout's time over the used one's reads: above 1, the used layout was right."""
+    return "the right choice here" if slowdown > 1 else "**the wrong choice here**"
+
+
 def _optimisations(section: dict) -> list[str]:
     workloads = section["workloads"]
     lines = ["## Optimisations: kept and dropped (measured in this run)", ""]
@@ -168,13 +173,13 @@ def _optimisations(section: dict) -> list[str]:
             ablated = f"ablation: ours {label}, {other}"
             if ablated in workloads and name in workloads:
                 value = ratio(workloads[ablated]["seconds"], workloads[name]["seconds"])
-                verdict = "the right choice here" if value["ratio"] > 1 else "**the wrong choice here**"
+                verdict = _layout_verdict(value["ratio"])
                 lines.append(f"- Conv-4 memory layout ({label}): {other} / {used} (used) = {value['ratio']:.2f}× "
                              f"({verdict}; channels-last is used on CPU only).")
     ablated, used = SECOND_ORDER_LAYOUT_ABLATION, "ours MAML, bf16-mixed"
     if ablated in workloads and used in workloads:
         value = ratio(workloads[ablated]["seconds"], workloads[used]["seconds"])
-        verdict = "the right choice here" if value["ratio"] > 1 else "**the wrong choice here**"
+        verdict = _layout_verdict(value["ratio"])
         lines.append(f"- Layout of the support pass that is differentiated twice (MAML, bf16-mixed): channels-last / "
                      f"default layout (used) = {value['ratio']:.2f}× ({verdict}; the query pass stays channels-last; "
                      "float32 keeps channels-last throughout).")
