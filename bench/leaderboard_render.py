@@ -78,7 +78,8 @@ def render_markdown(board: Leaderboard, plots: list[Path], out_dir: Path) -> str
         lines += [f"## {table.title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row_cells(entry)) + " |"
                   for entry in table.entries]
-        notes = [f"{e.algorithm}: {e.paper.note}" for e in table.entries if e.paper and e.paper.note]
+        # One footnote per distinct note, in row order (several runs of one algorithm share it).
+        notes = list(dict.fromkeys(f"{e.algorithm}: {e.paper.note}" for e in table.entries if e.paper and e.paper.note))
         if notes:
             lines += [""] + [f"\\* {note}" for note in notes]
         if table.references:

@@ -182,3 +182,12 @@ def test_validation_curves_are_plotted_against_training_time_where_runs_logged_t
     curves = sorted(path.name for path in (out / "plots").glob("*-curves.png"))
     assert curves == ["omniglot-vinyals-5w1s-15q-100ep-curves.png"]  # only that table has a run with a curve
     assert "(plots/omniglot-vinyals-5w1s-15q-100ep-curves.png)" in (out / "README.md").read_text()
+
+
+def test_a_paper_note_shared_by_several_runs_is_printed_once_under_its_table(tmp_path):
+    for seed in range(3):
+        add_record(tmp_path, "protonet", scores(0.45), seed=seed, dataset="miniimagenet", dataset_args={"split": "ravi"})
+    (table,) = collect(tmp_path, load_papers()).tables
+    assert len(table.entries) == 3 and all(e.paper.note for e in table.entries)
+    markdown = render_markdown(collect(tmp_path, load_papers()), [], tmp_path)
+    assert markdown.count("\\* protonet: trained 30-way 15 queries (Snell et al. Table 2)") == 1
