@@ -41,6 +41,9 @@ class Entry:
     p_vs_best: float | None = None  # None for the best entry itself
     rank: int = 0
     error_rate: bool = False  # show 100 - accuracy (the protocol's papers report error rates)
+    # Further hyper-parameters shown in the training column: those in which this run differs from another
+    # run of its table that would otherwise read the same (see ``mark_distinguishing_hparams``).
+    distinguishing: tuple[str, ...] = ()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -96,8 +99,9 @@ class Entry:
         args = config.get("dataset_args") or {}
         parts += [name if value is True else f"{name}={value}" for name, value in sorted(args.items())
                   if name in TRAINING_ONLY_ARGS and name not in SHOWN_ELSEWHERE and value not in (False, None)]
-        parts += [f"{name} {value:g}" if isinstance(value, (int, float)) else f"{name} {value}"
-                  for name, value in sorted((config.get("hparams") or {}).items()) if name in METHOD_HPARAMS]
+        hparams = config.get("hparams") or {}
+        parts += [hparam_text(name, hparams[name]) for name in sorted(hparams) if name in METHOD_HPARAMS]
+        parts += [hparam_text(name, hparams.get(name, "default")) for name in self.distinguishing]
         if config.get("init_from"):  # a run name: <algorithm>-<dataset>-<setting>-seed<n>-<key>
             source = config["init_from"]
             parts.append(f"backbone from {source.split('-')[0]} run {source.rsplit('-', 1)[-1]}")
@@ -158,6 +162,24 @@ TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "cro
 SHOWN_ELSEWHERE = frozenset({"train_mode", "batch_size", "download"})  # the budget column shows batch training
 # Algorithm arguments that change the method, not only its optimisation (shown in the training column).
 METHOD_HPARAMS = frozenset({"temperature", "metric"})
+
+
+def hparam_text(name: str, value: Any) -> str:
+    return f"{name} {value:g}" if isinstance(value, (int, float)) else f"{name} {value}"
+
+
+def mark_distinguishing_hparams(table: Table) -> None:
+    """Where runs of one algorithm and budget would read the same in the training column (e.g. two
+    learning rates), show the hyper-parameters in which they differ, so no two rows look alike."""
+    groups: dict[tuple[str, str, str], list[Entry]] = {}
+    for entry in table.entries:
+        groups.setdefault((entry.algorithm, entry.budget, entry.training), []).append(entry)
+    for group in groups.values():
+        values = [entry.config.get("hparams") or {} for entry in group]
+        names = sorted({name for hparams in values for name in hparams} - METHOD_HPARAMS)
+        differing = tuple(name for name in names if len({repr(hparams.get(name)) for hparams in values}) > 1)
+        for entry in group if len(group) > 1 else ():
+            entry.distinguishing = differing
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,6 +301,7 @@ def collect(records_dir: Path, papers: dict[str, Any]) -> Leaderboard:
             table.slug += f"-{table.key[-1][:8]}"
     ordered = sorted(tables.values(), key=lambda t: t.slug)
     for table in ordered:
+        mark_distinguishing_hparams(table)
         rank_table(table)
     return Leaderboard(ordered, sorted(failed, key=lambda r: r.get("name", "")), problems,
                        papers["citations"], len(found))

@@ -191,3 +191,14 @@ def test_a_paper_note_shared_by_several_runs_is_printed_once_under_its_table(tmp
     assert len(table.entries) == 3 and all(e.paper.note for e in table.entries)
     markdown = render_markdown(collect(tmp_path, load_papers()), [], tmp_path)
     assert markdown.count("\\* protonet: trained 30-way 15 queries (Snell et al. Table 2)") == 1
+
+
+def test_runs_that_differ_only_in_an_optimiser_setting_show_it_in_the_training_column(tmp_path):
+    add_record(tmp_path, "protonet", scores(0.9), hparams={"lr": 0.001, "temperature": 64})
+    add_record(tmp_path, "protonet", scores(0.8), hparams={"lr": 0.0001, "temperature": 64})
+    add_record(tmp_path, "protonet", scores(0.7), hparams={"temperature": 64, "lr_decay": 0.5})
+    add_record(tmp_path, "maml", scores(0.85), hparams={"lr": 0.001})  # alone in its group: nothing added
+    (table,) = collect(tmp_path, load_papers()).tables
+    training = sorted(entry.training for entry in table.entries)
+    assert training == ["unit", "unit, temperature 64, lr 0.0001, lr_decay default",
+                        "unit, temperature 64, lr 0.001, lr_decay default", "unit, temperature 64, lr default, lr_decay 0.5"]
