@@ -133,7 +133,8 @@ class EpisodicDataModule(pl.LightningDataModule):
                 "train_classes": self.samplers["train"].class_ids.numel()}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Device-side transform of gathered images in [0, 1] (identity by default)."""
+        """Device-side transform of gathered images in [0, 1] (identity by default); may work in place, as
+        ``images`` is always a freshly gathered tensor."""
         return images
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:

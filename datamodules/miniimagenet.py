@@ -319,7 +319,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         if not self.normalization:
             return images
         mean, std = self.channel_statistics(images.device)
-        return (images - mean) / std
+        return images.sub_(mean).div_(std)  # in place: the gathered tensor is this batch's own (no extra copies)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         if not self.augmentation:
