@@ -13,6 +13,10 @@ query embedding is refined by an attention LSTM for ``read_steps`` (K) steps ove
 Defaults: Conv-4 with 64 filters (the paper's Omniglot embedding, no fine-tuning), cosine attention
 without a temperature (``cosine_scale=1``, Eq. 2; Chen et al. 2019 multiply by 100 in their
 re-implementation), Adam at 1e-3. The paper does not give K; we read ``read_steps=5`` times.
+Conv-4's embeddings are non-negative (ReLU), so their cosines lie in [0, 1] and at scale 1 a 5-way
+attention gives the true class at most e / (e + 4) = 40%: the loss cannot fall below ~0.9 and training
+is slow. ``cosine_scale=100`` lifts Omniglot 5w1s from 82% to 95% at an equal budget (suite
+``matching-scale``), and omniglot-paper uses it.
 """
 from __future__ import annotations
 

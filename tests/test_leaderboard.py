@@ -129,7 +129,7 @@ def test_training_column_tells_apart_runs_of_one_table(tmp_path):
                dataset_args={"split": "lake", "train_rotations": True, "affine_augmentation": True})
     add_record(tmp_path, "maml", scores(0.8), ways=20, train_ways=20, dataset_args={"split": "lake", "download": False})
     add_record(tmp_path, "matching", scores(0.85), ways=20, init_from="baseline-omniglot-lake-20w1s-seed0-0123456789ab",
-               dataset_args={"split": "lake"})
+               hparams={"cosine_scale": 100.0, "full_context": False}, dataset_args={"split": "lake"})
     add_record(tmp_path, "baselinepp", scores(0.7), ways=20, suite=None,
                dataset_args={"split": "lake", "train_mode": "batches", "batch_size": 16, "crop_padding": 4})
     (table,) = collect(tmp_path, load_papers()).tables
@@ -137,7 +137,7 @@ def test_training_column_tells_apart_runs_of_one_table(tmp_path):
     assert training == {"protonet": "unit, train 30w1s5q, affine_augmentation, train_rotations, metric cosine, "
                                     "temperature 16",
                         "maml": "unit", "baselinepp": "adhoc, crop_padding=4",
-                        "matching": "unit, backbone from baseline run 0123456789ab"}
+                        "matching": "unit, cosine_scale 100, backbone from baseline run 0123456789ab"}
     markdown = render_markdown(collect(tmp_path, load_papers()), [], tmp_path)
     assert "| unit, train 30w1s5q, affine_augmentation, train_rotations, metric cosine, temperature 16 |" in markdown
 
