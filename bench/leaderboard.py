@@ -165,6 +165,9 @@ METHOD_HPARAMS = frozenset({"temperature", "metric", "cosine_scale"})
 
 
 def hparam_text(name: str, value: Any) -> str:
+    """``name value`` for the training column: numbers in short form, booleans as ``true``/``false``."""
+    if isinstance(value, bool):
+        return f"{name} {str(value).lower()}"
     return f"{name} {value:g}" if isinstance(value, (int, float)) else f"{name} {value}"
 
 

@@ -202,3 +202,10 @@ def test_runs_that_differ_only_in_an_optimiser_setting_show_it_in_the_training_c
     training = sorted(entry.training for entry in table.entries)
     assert training == ["unit", "unit, temperature 64, lr 0.0001, lr_decay default",
                         "unit, temperature 64, lr 0.001, lr_decay default", "unit, temperature 64, lr default, lr_decay 0.5"]
+
+
+def test_a_distinguishing_boolean_hyper_parameter_reads_true_or_false(tmp_path):
+    add_record(tmp_path, "matching", scores(0.9), hparams={"full_context": True})
+    add_record(tmp_path, "matching", scores(0.8), hparams={"full_context": False})
+    (table,) = collect(tmp_path, load_papers()).tables
+    assert sorted(entry.training for entry in table.entries) == ["unit, full_context false", "unit, full_context true"]
