@@ -161,7 +161,7 @@ TRAINING_ONLY_ARGS = frozenset({"train_mode", "batch_size", "augmentation", "cro
                                 "train_within_alphabet"})
 SHOWN_ELSEWHERE = frozenset({"train_mode", "batch_size", "download"})  # the budget column shows batch training
 # Algorithm arguments that change the method, not only its optimisation (shown in the training column).
-METHOD_HPARAMS = frozenset({"temperature", "metric", "cosine_scale"})
+METHOD_HPARAMS = frozenset({"temperature", "metric", "cosine_scale", "inner_state"})
 
 
 def hparam_text(name: str, value: Any) -> str:

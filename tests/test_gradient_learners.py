@@ -10,6 +10,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.func import functional_call
 
 from bench.config import RunConfig
 from bench.runner import run
@@ -107,11 +108,61 @@ def test_reptile_evaluation_fine_tunes_a_copy_and_keeps_no_graph():
         assert not torch.allclose(task.predict(episode), outputs)
 
 
+def one_adam_across_tasks(task: Reptile, tasks: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> dict:
+    """The reference code's inner loop: one Adam for all tasks, the weights reset to theta before each."""
+    theta = {name: value.detach().clone() for name, value in task.network.named_parameters()}
+    params = {name: value.clone().requires_grad_() for name, value in theta.items()}
+    optimizer = torch.optim.Adam(params.values(), lr=task.inner_lr, betas=(0.0, 0.999))
+    for inputs, targets in tasks:
+        with torch.no_grad():
+            for name, value in params.items():
+                value.copy_(theta[name])
+        for _ in range(steps):  # full batches: the mini-batch order cannot matter
+            optimizer.zero_grad()
+            task.loss_fn(functional_call(task.network, params, (inputs,)), targets).backward()
+            optimizer.step()
+    return {name: value.detach() for name, value in params.items()}
+
+
+def test_reptile_carried_inner_state_equals_one_adam_across_tasks_and_evaluation_leaves_it_alone():
+    torch.manual_seed(0)
+    fresh, carried = Reptile(**TINY), Reptile(inner_state="carried", **TINY)
+    carried.load_state_dict(fresh.state_dict(), strict=False)
+    episode = tiny_episode(shots=2)
+    tasks = [(episode.support_x[t], episode.support_y[t]) for t in range(2)]
+    size = tasks[0][0].shape[0]
+    torch.manual_seed(1)  # the same mini-batch order
+    first_fresh, _ = fresh.fine_tune(*tasks[0], steps=3, batch=size)
+    torch.manual_seed(1)
+    first_carried, _ = carried.fine_tune(*tasks[0], steps=3, batch=size, carry_state=True)
+    assert all(torch.equal(first_fresh[name], first_carried[name]) for name in first_fresh)  # from a zero state
+    assert float(carried.carried_state.step) == 3
+
+    state = {key: value.clone() for key, value in carried.carried_state.state_dict().items()}
+    with torch.no_grad():
+        carried.predict(episode)  # evaluation starts from a copy and carries nothing on
+    assert all(torch.equal(state[key], value) for key, value in carried.carried_state.state_dict().items())
+
+    second_carried, _ = carried.fine_tune(*tasks[1], steps=3, batch=size, carry_state=True)
+    second_fresh, _ = fresh.fine_tune(*tasks[1], steps=3, batch=size)
+    reference = one_adam_across_tasks(fresh, tasks, steps=3)
+    for name, value in reference.items():
+        if not name.endswith(".0.bias"):  # a conv bias feeding BatchNorm has a float-noise gradient, which
+            torch.testing.assert_close(second_carried[name], value)  # Adam scales up to ~lr either way
+    assert not all(torch.allclose(second_fresh[name], second_carried[name]) for name in reference)
+    assert float(carried.carried_state.step) == 6
+    assert any(key.startswith("carried_state.exp_avg_sq_") for key in carried.state_dict())  # checkpointed
+
+
 def test_reptile_bad_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown inner_optimizer 'rmsprop'"):
         Reptile(inner_optimizer="rmsprop")
     with pytest.raises(ValueError, match="inner_batch"):
         Reptile(inner_batch=0)
+    with pytest.raises(ValueError, match="unknown inner_state 'shared'"):
+        Reptile(inner_state="shared")
+    with pytest.raises(ValueError, match="use inner_optimizer='adam'"):
+        Reptile(inner_optimizer="sgd", inner_state="carried")
     trainer = pl.Trainer(max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     data = SinusoidDataModule(shots=2, queries=2, meta_batch=2, val_episodes=0, test_episodes=0)
