@@ -74,7 +74,7 @@ class CarriedAdamState(torch.nn.Module):
         """Carry ``optimizer``'s state after a training task on to the next one."""
         for name, value in params.items():
             getattr(self, self.buffer_name(name)).copy_(optimizer.state[value]["exp_avg_sq"])
-            self.step.fill_(float(optimizer.state[value]["step"]))
+        self.step.fill_(float(optimizer.state[value]["step"]))  # one count: every weight steps together
 
 
 class Reptile(EpisodicTask):
@@ -94,8 +94,9 @@ class Reptile(EpisodicTask):
 
     def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
                  in_features: int = 1, problem: str = "classification", inner_optimizer: str = "adam",
-                 inner_state: str = "fresh", inner_lr: float = 1e-3, inner_steps: int = 5, inner_batch: int = 10, test_inner_steps: int = 50,
-                 test_inner_batch: int = 5, outer_step: float = 1.0, anneal: bool = True) -> None:
+                 inner_state: str = "fresh", inner_lr: float = 1e-3, inner_steps: int = 5, inner_batch: int = 10,
+                 test_inner_steps: int = 50, test_inner_batch: int = 5, outer_step: float = 1.0,
+                 anneal: bool = True) -> None:
         super().__init__(ways=ways, problem=problem, lr=outer_step)
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"unknown inner_optimizer {inner_optimizer!r}: use one of {INNER_OPTIMIZERS}")
