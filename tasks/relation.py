@@ -101,6 +101,11 @@ class RelationNet(EpisodicTask):
         self.relation = RelationModule(self.encoder.output_shape, hidden, fc_hidden, relation_padding)
         self.loss_kind = loss
 
+    def embedding_network(self) -> nn.Module:
+        """The embedding module. Its parameters have Conv-4's names and shapes (only paddings and pooling
+        differ), so it can start from a pre-trained Conv-4 backbone (``init_from``, bench.weights)."""
+        return self.encoder
+
     def relation_logits(self, episode: Episode) -> torch.Tensor:
         """Pre-sigmoid relation outputs ``[tasks, q, ways]`` for every (query, class) pair."""
         support, queries = embed_episode(self.encoder, episode)

@@ -79,6 +79,10 @@ def test_weights_round_trip_between_algorithms_and_mismatches_are_named(tmp_path
     weights_path(tmp_path, "broken").write_bytes(b"not a weights file")
     with pytest.raises(ValueError, match="not a weights file.*--force"):
         load_embedding(protonet, tmp_path, "broken")
+    relation = algorithm_class("relation")()  # Conv-4's parameter names and shapes, other paddings and pooling
+    load_embedding(relation, tmp_path, "pre")
+    assert all(torch.equal(relation.encoder.state_dict()[name], tensor)
+               for name, tensor in baseline.backbone.state_dict().items())
     with pytest.raises(ValueError, match="MAML has no stand-alone embedding network"):
         save_embedding(algorithm_class("maml")(), tmp_path, "maml")
 
