@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.perf_report import SECOND_ORDER_LAYOUT_ABLATION, render
+from bench.perf_report import SECOND_ORDER_LAYOUT_ABLATIONS, render
 from bench.perf_sampling import l2l_stock_omniglot_taskset, sampler_workloads
 from bench.perf_timing import Workload, interleaved, peak_memory, ratio, summary
 from bench.perf_training import (l2l_maml, l2l_protonet, our_maml, our_protonet, same_meta_gradient,
@@ -178,10 +178,18 @@ def training_section(args: argparse.Namespace, device: torch.device, say) -> dic
             workloads.append(Workload(f"ablation: ours {label}, {layout_name}", step))
         _, step = our_protonet(twenty_way, hidden, device, channels_last=other_layout)
         workloads.append(Workload(f"ablation: ours ProtoNet, {layout_name}", step))
-        if device.type == "cpu" and not args.no_bf16:  # bf16 second order keeps the default layout there
-            _, step = our_maml(five_way, tasks, hidden, False, device, vectorize=False, channels_last=True,
-                               precision="bf16-mixed")
-            workloads.append(Workload(SECOND_ORDER_LAYOUT_ABLATION, step))
+        if device.type == "cpu":  # second-order support passes keep the default layout there
+            for datamodule, meta_batch, precision, used, ablated in SECOND_ORDER_LAYOUT_ABLATIONS:
+                if precision == "bf16-mixed" and args.no_bf16:
+                    continue
+                source = five_way if datamodule == "five_way" else twenty_way
+                meta_batch = meta_batch or tasks
+                if not any(w.name == used for w in workloads):
+                    _, step = our_maml(source, meta_batch, hidden, False, device, vectorize=False, precision=precision)
+                    workloads.append(Workload(used, step))
+                _, step = our_maml(source, meta_batch, hidden, False, device, vectorize=False, channels_last=True,
+                                   precision=precision)
+                workloads.append(Workload(ablated, step))
     say("[perf] meta-iterations: timing (the warm-up also resolves vectorize='auto')")
     seconds = interleaved(workloads, args.rounds, args.warmup, device, say)
     if not args.no_ablations:  # the mode 'auto' did not choose, for the record

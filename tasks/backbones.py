@@ -54,10 +54,6 @@ def differentiated_twice() -> contextlib.AbstractContextManager[None]:
     return _raised(_DIFFERENTIATED_TWICE)
 
 
-def _cpu_bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
 def batch_stats_norm(inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
     """BatchNorm with the current batch's statistics (biased variance), in primitive ops.
@@ -125,11 +121,15 @@ class Conv4(nn.Module):
     ``channels_last`` runs the blocks on channels-last (NHWC) activations; ``None`` (default) does so
     on CPU, where oneDNN's convolution, BatchNorm and pooling kernels are markedly faster in that
     layout (``make perf`` measures it: leaderboard/perf.md), and keeps PyTorch's default elsewhere --
-    except for a pass :func:`differentiated_twice` under bfloat16 autocast, which keeps the default
-    layout: the double backward of bfloat16 BatchNorm is slow in channels-last on CPU (second-order
-    MAML in bf16-mixed 1.40x faster this way, leaderboard/perf-amd-epyc-zen4.md; in float32 the
-    difference was within noise, ~2%, so float32 keeps channels-last and its records are unchanged).
-    Only the memory layout changes, not the values computed.
+    except for a pass :func:`differentiated_twice`, which keeps the default layout on CPU too. There
+    PyTorch's channels-last BatchNorm is both slower and less accurate: its double backward runs ~2.7x
+    slower (one 28x28 layer of 100 images), and its float32 gradients carry a relative error that grows
+    with the images x pixels it reduces over (~1e-5 at 100 images of 28x28, ~1e-4 at 400; the default
+    layout: ~1e-7), which second-order MAML amplifies: a 20-way 5-shot meta-gradient was 11% off the
+    float64 one in channels-last, 3e-6 off in the default layout (``tests/test_vectorize.py``). Second-
+    order MAML trains faster this way at 20 ways or 5 shots (one thread: 5w5s 1.14x, 20w1s with 5 inner
+    steps 1.15x, 20w5s 1.42x; in bfloat16 too) and level at 5-way 1-shot, whose 5 support images give
+    BatchNorm little to reduce. Only the memory layout changes, not the function computed.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
@@ -146,7 +146,7 @@ class Conv4(nn.Module):
             return False
         if self.channels_last is not None:
             return self.channels_last
-        return images.device.type == "cpu" and not (_DIFFERENTIATED_TWICE.get() and _cpu_bf16_autocast())
+        return images.device.type == "cpu" and not _DIFFERENTIATED_TWICE.get()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.uses_channels_last(images):
