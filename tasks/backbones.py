@@ -123,9 +123,10 @@ class Conv4(nn.Module):
     layout (``make perf`` measures it: leaderboard/perf.md), and keeps PyTorch's default elsewhere --
     except for a pass :func:`differentiated_twice`, which keeps the default layout on CPU too. There
     PyTorch's channels-last BatchNorm is both slower and less accurate: its double backward runs ~2.7x
-    slower (one 28x28 layer of 100 images), and its float32 gradients carry a relative error that grows
-    with the images x pixels it reduces over (~1e-5 at 100 images of 28x28, ~1e-4 at 400; the default
-    layout: ~1e-7), which second-order MAML amplifies: a 20-way 5-shot meta-gradient was 11% off the
+    slower (one 28x28 layer of 100 images), and its float32 gradients are rounded far more coarsely (one
+    layer: ~1e-5 relative error at 100 images of 28x28, ~1e-4 at 400, against ~1e-7 in the default
+    layout; Conv-4's whole gradient: 1e-3 to 5e-3 from 25 images up, against ~2e-6). First-order training
+    shrugs that off; second-order MAML amplifies it: a 20-way 5-shot meta-gradient was 11% off the
     float64 one in channels-last, 3e-6 off in the default layout (``tests/test_vectorize.py``). Second-
     order MAML trains faster this way at 20 ways or 5 shots (one thread: 5w5s 1.14x, 20w1s with 5 inner
     steps 1.15x, 20w5s 1.42x; in bfloat16 too) and level at 5-way 1-shot, whose 5 support images give
