@@ -28,7 +28,7 @@ from datamodules.download import cache_root
 
 AUTO = "auto"
 CACHE_FILE = "vectorize.json"
-VERSION = 2  # part of every key: bump when the loop or vmap path changes speed, to measure again
+VERSION = 3  # part of every key: bump when the loop or vmap path changes speed, to measure again
 _MEMORY: dict[str, "VectorizeChoice"] = {}
 
 
