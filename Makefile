@@ -71,9 +71,12 @@ report: $(STAMP)  ## build a W&B report of SUITE (online), else point to leaderb
 
 # Benchmarks against learn2learn (not tests; ~10 min on 2 cores). PERF_ARGS passes options, e.g. --device cuda.
 PERF_ARGS ?=
-.PHONY: perf perf-data
+.PHONY: perf perf-data perf-allocator
 perf: $(STAMP)  ## speed vs learn2learn: sampler, MAML/FOMAML/ProtoNet, proxy; writes leaderboard/perf.{md,json}
 	$(PY) -m bench.perf $(PERF_ARGS)
+
+perf-allocator: $(STAMP)  ## training steps with glibc's default allocator vs bench/allocator.py's; writes leaderboard/perf-allocator.{md,json}
+	$(PY) -m bench.perf_allocator $(PERF_ARGS)
 
 perf-data: $(STAMP)  ## episodes/s of our sampler vs learn2learn's TaskDataset; writes leaderboard/perf-data.{md,json}
 	$(PY) -m bench.perf --sections sampling --name perf-data $(PERF_ARGS)

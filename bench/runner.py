@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from bench.allocator import configure_allocator
 from bench.config import RunConfig
 from bench.records import SCHEMA, git_state, hardware, now_iso, package_versions, write_record
 from bench.weights import load_embedding, save_embedding
@@ -183,6 +184,7 @@ def run(config: RunConfig, results_dir: Path, logger: Any = False, progress: boo
     record: dict[str, Any] = {
         "schema": SCHEMA, "key": config.key(), "name": config.name, "config": config.to_dict(),
         "seed": config.seed, "git": git_state(), "versions": package_versions(), "created": now_iso(),
+        "allocator": configure_allocator(),
     }
     path = Path(results_dir) / f"{config.name}.json"
     try:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import platform
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.func import functional_call
 
+from bench.allocator import requested_setting
 from bench.config import RunConfig
 from bench.runner import run
 from datamodules.episodes import Episode
@@ -207,6 +209,7 @@ def test_pretrained_refuses_classification():
         Pretrained(problem="classification")
 
 
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 OMNIGLOT = dict(dataset="omniglot", ways=5, shots=1, queries=3, meta_batch=2, eval_batch=10, steps=3, val_every=3,
                 val_episodes=10, test_episodes=20, seed=3, threads=1)
 
@@ -219,6 +222,7 @@ def test_tiny_omniglot_run_is_recorded_and_deterministic(tmp_path, algorithm, hp
     config = RunConfig(algorithm=algorithm, hparams=hparams, **OMNIGLOT)
     record = run(config, tmp_path / "a", progress=False)
     assert record["status"] == "ok" and record["metric"] == "acc" and record["train"]["steps"] == 3
+    assert record["allocator"] == ("retain" if GLIBC and requested_setting() == "retain" else "default")
     assert record["test"]["episodes"] == 20 and 0 <= record["test"]["mean"] <= 1
     if algorithm in ("reptile", "metalstm"):  # manual optimisation / unrolled updates: same seed, same result
         again = run(config, tmp_path / "b", progress=False)

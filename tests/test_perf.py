@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from bench import perf
+from bench import perf, perf_allocator
 from bench.perf_sampling import StoreImages, l2l_stock_omniglot_taskset, l2l_taskset, split_l2l_task
 from bench.perf_timing import Workload, interleaved, peak_memory, ratio, summary
 from bench.perf_training import l2l_maml
@@ -99,3 +99,15 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path, omniglot_vinyals):
     assert differences["maml float32"]["relative"] < 0.5  # rounding of other kernels only (float64 is exact)
     text = (tmp_path / "perf.md").read_text()
     assert "| MAML 2nd order: learn2learn (same images in memory) / ours |" in text and "episodes/s" in text
+
+
+def test_allocator_benchmark_times_both_settings_in_separate_processes(tmp_path, omniglot_vinyals):
+    code = perf_allocator.main(["--rounds", "1", "--steps", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "perf-allocator.json").read_text())
+    for setting in ("default", "retain"):
+        assert len(result["rounds"][setting]) == 1
+        assert set(result["median_seconds"][setting]) == set(perf_allocator.WORKLOADS)
+        assert all(seconds > 0 for seconds in result["median_seconds"][setting].values())
+    assert all(speedup > 0 for speedup in result["speedup"].values())
+    assert "| ours ProtoNet 20w5s15q |" in (tmp_path / "perf-allocator.md").read_text()
