@@ -5,6 +5,7 @@
 * ``suite NAME``: run a suite's pending runs over a device pool (resumable), print the table.
 * ``leaderboard``: rebuild the leaderboard files from the records.
 * ``regress``: run the ``ci`` suite and compare it with the committed baseline (``--update`` rewrites it).
+* ``compare A B``: two runs' test scores paired by episode (difference, 95% CI, wins, Wilcoxon p).
 * ``temperature SUITE``: the loss of a ProtoNet run's first training episodes at each temperature, from the
   backbone it starts with (pick the temperature before training from a pre-trained backbone).
 * ``wandb-sync`` / ``report``: upload offline W&B runs; build a W&B report of a suite.
@@ -186,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     _leaderboard_parser(sub)
     _regress_parser(sub)
     _temperature_parser(sub)
+    compare = sub.add_parser("compare", help="two runs' test scores paired by episode: difference, 95% CI, p-value")
+    compare.add_argument("a", help="run key, record name, unique part of it, or record file")
+    compare.add_argument("b", help="the run to compare with (differences are a - b)")
+    compare.add_argument("--records", type=Path, default=Path("leaderboard/records"))
     sub.add_parser("wandb-sync", help="upload offline W&B runs (needs WANDB_API_KEY or `wandb login`, and network)")
     report = sub.add_parser("report", help="build a W&B report of a suite (online), else point to the HTML")
     report.add_argument("--suite", default=os.environ.get("SUITE", "quick"))
@@ -214,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return temperature_command(args.name, [a for a in args.algorithms.split(",") if a], args.results,
                                        args.episodes, [float(t) for t in args.temperatures.split(",") if t])
+        if args.command == "compare":
+            from bench.compare import compare_command
+
+            return compare_command(args.a, args.b, args.records)
         if args.command == "wandb-sync":
             from bench.report import sync_offline_runs
 
