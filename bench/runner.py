@@ -15,6 +15,7 @@ import torch
 from bench.allocator import configure_allocator
 from bench.config import RunConfig
 from bench.records import SCHEMA, git_state, hardware, now_iso, package_versions, write_record
+from bench.table import format_duration
 from bench.weights import load_embedding, save_embedding
 from datamodules import datamodule_class
 from datamodules.base import EpisodicDataModule
@@ -62,14 +63,6 @@ class ValidationLine(pl.Callback):
         print(f"[metabench] step {trainer.global_step}: {shown}", flush=True)
 
 
-def duration(seconds: float) -> str:
-    """``1h02m``, ``3m05s`` or ``42s``."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 HEARTBEAT_SECONDS = 300.0
 
 
@@ -108,14 +101,14 @@ class Heartbeat(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         print(f"[metabench] train step {trainer.global_step}/{self.total_steps} "
               f"({100 * trainer.global_step / self.total_steps:.0f}%), {done / elapsed:.2f} steps/s"
-              + (f", loss {float(loss):.4f}" if loss is not None else "") + f", ~{duration(left)} left", flush=True)
+              + (f", loss {float(loss):.4f}" if loss is not None else "") + f", ~{format_duration(left)} left", flush=True)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         elapsed = self._due(trainer)
         if elapsed is None:
             return
         left = (self.test_batches - batch_idx - 1) * elapsed / (batch_idx + 1)
-        print(f"[metabench] test batch {batch_idx + 1}/{self.test_batches}, ~{duration(left)} left", flush=True)
+        print(f"[metabench] test batch {batch_idx + 1}/{self.test_batches}, ~{format_duration(left)} left", flush=True)
 
 
 def batches_to_test(config: RunConfig) -> int:

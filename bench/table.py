@@ -5,10 +5,12 @@ from typing import Any
 
 
 def format_duration(seconds: float) -> str:
-    """``12m05s`` or ``3h07m``."""
+    """``3h07m``, ``12m05s`` or ``42s``."""
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    if hours:
+        return f"{hours}h{rest // 60:02d}m"
+    return f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s"
 
 
 def format_score(record: dict[str, Any]) -> str:
