@@ -78,8 +78,14 @@ class RunConfig:
 
     def key(self) -> str:
         """Hash of what is computed (not where), so the same run on another machine has the same key."""
-        semantic = {k: v for k, v in self.to_dict().items() if k not in self.EXECUTION_FIELDS
-                    and not (k in self.KEY_OMITS_AT_DEFAULT and v == self.KEY_OMITS_AT_DEFAULT[k])}
+        return self.semantic_hash(self.to_dict())
+
+    @classmethod
+    def semantic_hash(cls, values: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+        """:meth:`key` of a config dict (as records store it), also leaving out the fields in ``ignore``;
+        ``ignore=("seed",)`` names the recipe that several training seeds of one run share."""
+        semantic = {k: v for k, v in values.items() if k not in cls.EXECUTION_FIELDS and k not in ignore
+                    and not (k in cls.KEY_OMITS_AT_DEFAULT and v == cls.KEY_OMITS_AT_DEFAULT[k])}
         return hashlib.sha1(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property

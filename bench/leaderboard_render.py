@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 from bench.leaderboard import Entry, Leaderboard, Table
+from bench.seeds import HEADER as SEED_HEADER
+from bench.seeds import seed_groups, seed_row
 from bench.stats import TEST_NAME
 from bench.table import format_duration
 
@@ -24,6 +26,11 @@ INTRO = (
     "training episode shape where it differs from the test one, and training-only data options. *Train time*: training wall-clock, "
     "validation excluded. Why our numbers differ from the papers' (budgets, protocol): [NOTES.md](NOTES.md)."
 ).format(test=TEST_NAME)
+
+
+SEEDS_INTRO = ("Across training seeds: the runs above that share every setting but the seed. The sd is the "
+               "spread of their test means from one training seed to another, which a single run's 95% CI "
+               "(over its test episodes) does not include.")
 
 
 def score_text(entry: Entry) -> str:
@@ -70,20 +77,26 @@ def row_cells(entry: Entry) -> list[str]:
             p_text(entry), entry.budget, entry.training, time_text(entry), entry.hardware, entry.record["name"]]
 
 
+def markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows])
+
+
 def render_markdown(board: Leaderboard, plots: list[Path], out_dir: Path) -> str:
     lines = ["# metabench leaderboard", "", INTRO, ""]
     if not board.tables:
         lines += ["No successful runs yet: `make bench` writes records to `leaderboard/records/`.", ""]
     for table in board.tables:
-        lines += [f"## {table.title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row_cells(entry)) + " |"
-                  for entry in table.entries]
+        lines += [f"## {table.title}", ""] + markdown_table(HEADER, [row_cells(entry) for entry in table.entries])
         # One footnote per distinct note, in row order (several runs of one algorithm share it).
         notes = list(dict.fromkeys(f"{e.algorithm}: {e.paper.note}" for e in table.entries if e.paper and e.paper.note))
         if notes:
             lines += [""] + [f"\\* {note}" for note in notes]
         if table.references:
             lines += ["", "Published, not run here: " + references_text(table) + "."]
+        groups = seed_groups(table)
+        if groups:
+            lines += ["", SEEDS_INTRO, ""] + markdown_table(SEED_HEADER, [seed_row(group) for group in groups])
         for path in plots:
             if path.stem.startswith(table.slug + "-"):
                 lines += ["", f"![{path.stem}]({os.path.relpath(path, out_dir)})"]
@@ -160,13 +173,11 @@ def _html_cell(text: str, sort_key: str | None) -> str:
     return f"<td{attribute}>{html.escape(text)}</td>"
 
 
-def _html_table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    rows = []
-    for entry in table.entries:
-        cells = "".join(_html_cell(text, key) for text, key in zip(row_cells(entry), sort_values(entry)))
-        rows.append(f"<tr>{cells}</tr>")
-    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+def _html_table(header: tuple[str, ...], rows: list[list[str]], sort_keys: list[list[str | None]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_html_cell(text, key) for text, key in zip(cells, keys)) + "</tr>"
+                   for cells, keys in zip(rows, sort_keys))
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _inline_png(path: Path) -> str:
@@ -180,9 +191,15 @@ def render_html(board: Leaderboard, plots: list[Path]) -> str:
              f"<style>{STYLE}</style></head><body><h1>metabench leaderboard</h1>",
              f"<p class='note'>{html.escape(INTRO)}</p><p class='note'>Click a column header to sort.</p>"]
     for table in board.tables:
-        parts.append(f"<h2>{html.escape(table.title)}</h2>{_html_table(table)}")
+        parts.append(f"<h2>{html.escape(table.title)}</h2>" + _html_table(
+            HEADER, [row_cells(entry) for entry in table.entries], [sort_values(entry) for entry in table.entries]))
         if table.references:
             parts.append(f"<p class='note'>Published, not run here: {html.escape(references_text(table))}.</p>")
+        groups = seed_groups(table)
+        if groups:
+            rows = [seed_row(group) for group in groups]
+            parts.append(f"<p class='note'>{html.escape(SEEDS_INTRO)}</p>"
+                         + _html_table(SEED_HEADER, rows, [[None] * len(SEED_HEADER)] * len(rows)))
         parts += [_inline_png(path) for path in plots if path.stem.startswith(table.slug + "-")]
     if board.failed:
         items = "".join(f"<li>{html.escape(r.get('name', r['key']))}: {html.escape(str(r.get('error', '?')).splitlines()[0])}</li>"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 
 import pytest
 
@@ -10,6 +11,7 @@ from bench.config import RunConfig
 from bench.leaderboard import PAPERS, build_leaderboard, collect, load_papers
 from bench.leaderboard_render import render_markdown
 from bench.records import SCHEMA, write_record
+from bench.seeds import seed_groups
 
 
 def scores(base: float, count: int = 100, spread: float = 0.2) -> list[float]:
@@ -209,3 +211,25 @@ def test_a_distinguishing_boolean_hyper_parameter_reads_true_or_false(tmp_path):
     add_record(tmp_path, "matching", scores(0.8), hparams={"full_context": False})
     (table,) = collect(tmp_path, load_papers()).tables
     assert sorted(entry.training for entry in table.entries) == ["unit, full_context false", "unit, full_context true"]
+
+
+def test_one_recipe_at_several_seeds_gets_its_spread_over_seeds(tmp_path):
+    folder = tmp_path / "records"
+    means = {0: 0.90, 1: 0.86, 2: 0.88}
+    for seed, base in means.items():
+        add_record(folder, "maml", scores(base, spread=0.04), seed=seed)
+    add_record(folder, "maml", scores(0.95, spread=0.04), steps=400)  # another recipe, one seed: no spread row
+    add_record(folder, "protonet", scores(0.97, spread=0.04))
+    table = collect(folder, load_papers()).tables[0]
+    groups = seed_groups(table)
+    assert len(groups) == 1 and [e.config["seed"] for e in groups[0].entries] == [0, 1, 2]
+    shown = [100 * e.mean for e in groups[0].entries]
+    assert groups[0].mean == pytest.approx(sum(shown) / 3)
+    assert groups[0].std == pytest.approx(statistics.stdev(shown))
+    out = tmp_path / "board"
+    build_leaderboard(folder, out, wandb_group=None)
+    readme = (out / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| maml | 3 |"))
+    assert f"{groups[0].mean:.2f} ± {groups[0].std:.2f}" in row and f"0: {shown[0]:.2f}, 1: {shown[1]:.2f}" in row and "100 × 4" in row
+    assert readme.count("Across training seeds") == 1
+    assert (out / "leaderboard.html").read_text().count('<table class="sortable">') == 2
