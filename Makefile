@@ -13,6 +13,7 @@ export PYTHONUNBUFFERED := 1
 SUITE ?= quick
 ALGOS ?=
 SETTINGS ?=
+SEEDS ?=
 RESULTS ?= leaderboard/records
 LEADERBOARD ?= leaderboard
 PYTEST_ARGS ?=
@@ -30,7 +31,7 @@ POOL = --gpus "$(GPUS)" --devices $(DEVICES) --workers $(WORKERS)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: SUITE=$(SUITE) ALGOS=<a,b> SETTINGS=<20w1s,..> RESULTS=$(RESULTS) LEADERBOARD=$(LEADERBOARD) GPUS=<0,1,..|none>"
+	@echo "  variables: SUITE=$(SUITE) ALGOS=<a,b> SETTINGS=<20w1s,..> SEEDS=<0,1,2> RESULTS=$(RESULTS) LEADERBOARD=$(LEADERBOARD) GPUS=<0,1,..|none>"
 	@echo "             DEVICES=$(DEVICES) WORKERS=$(WORKERS) FORCE=1 JUNIT=<file.xml> WANDB_MODE=$(WANDB_MODE)"
 	@echo "             METABENCH_DATA=$(METABENCH_DATA)"
 
@@ -48,9 +49,9 @@ venv: $(STAMP)  ## create or refresh the project virtualenv (.venv)
 test: $(STAMP)  ## run the test suite (CPU, tiny budgets, real data)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## run a suite's pending runs (SUITE, ALGOS, SETTINGS, GPUS, DEVICES, WORKERS, FORCE), then the leaderboard
+bench: $(STAMP)  ## run a suite's pending runs (SUITE, ALGOS, SETTINGS, SEEDS, GPUS, DEVICES, WORKERS, FORCE), then the leaderboard
 	$(PY) -m bench suite $(SUITE) --results $(RESULTS) $(POOL) $(if $(ALGOS),--algorithms $(ALGOS)) \
-		$(if $(SETTINGS),--settings $(SETTINGS)) $(if $(FORCE),--force); status=$$?; \
+		$(if $(SETTINGS),--settings $(SETTINGS)) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(FORCE),--force); status=$$?; \
 	$(PY) -m bench leaderboard --records $(RESULTS) --out $(LEADERBOARD) --wandb-group $(basename $(notdir $(SUITE))); exit $$status
 
 leaderboard: $(STAMP)  ## rebuild leaderboard/README.md, leaderboard.csv, leaderboard.html and plots from the records

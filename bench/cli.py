@@ -62,6 +62,17 @@ def _workers(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"WORKERS={text!r}: give a number of parallel runs or 'auto'") from None
 
 
+def _seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated non-negative integers."""
+    try:
+        seeds = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"SEEDS={text!r}: give comma-separated non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
 def _pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default=os.environ.get("GPUS", ""),
                         help="GPU ids for the pool, e.g. 0,1,2,3 (default: every visible GPU; 'none' for CPU)")
@@ -80,6 +91,9 @@ def _suite_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--algorithms", default="", help="comma-separated subset of the suite's algorithms")
     parser.add_argument("--settings", default="", help="comma-separated subset of the suite's ways/shots settings, "
                                                         "e.g. 20w1s,20w5s")
+    parser.add_argument("--seeds", type=_seeds, default=None,
+                        help="comma-separated training seeds replacing the suite's, e.g. 0,1,2 (the spread over "
+                             "seeds shows in the leaderboard)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a record")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are pending")
@@ -160,7 +174,7 @@ def suite_command(args: argparse.Namespace) -> int:
     from bench.table import print_table
 
     configs = load_suite(args.name, [a for a in args.algorithms.split(",") if a] or None,
-                         [s for s in args.settings.split(",") if s] or None)
+                         [s for s in args.settings.split(",") if s] or None, args.seeds)
     if args.dry_run:
         existing, problems = scan_records(args.results)
         for config in configs:

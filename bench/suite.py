@@ -116,12 +116,20 @@ def resolve_init_from(runs: dict[tuple[str, int], RunConfig], suite: str) -> Non
 
 
 def load_suite(name_or_path: str, algorithms: list[str] | None = None,
-               settings: list[str] | None = None) -> list[RunConfig]:
+               settings: list[str] | None = None, seeds: list[int] | None = None) -> list[RunConfig]:
     """The runs of a suite file, checked against the algorithm and dataset registries; with ``settings``
-    (e.g. ``["20w1s"]``) only the runs of those ways/shots settings."""
+    (e.g. ``["20w1s"]``) only the runs of those ways/shots settings; with ``seeds`` the suite's grid of seeds
+    replaced by these (the same recipes trained from other seeds; a seed the suite already ran keeps its key)."""
     path = suite_path(name_or_path)
     spec = yaml.safe_load(path.read_text())
     check_spec(spec, str(path))
+    if seeds:
+        if not all(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 for seed in seeds):
+            raise ValueError(f"seeds must be non-negative integers, got {seeds}")
+        fixed = sorted(name for name, fields in spec["algorithms"].items() if "seed" in (fields or {}))
+        if fixed:
+            raise ValueError(f"{path}: {fixed} set their own seed, so seeds cannot be chosen for the suite")
+        spec["grid"] = {**(spec.get("grid") or {}), "seed": list(dict.fromkeys(seeds))}
     configs = expand_suite(spec, algorithms)
     check_registered(configs, str(path))
     return only_settings(configs, settings, str(path)) if settings else configs

@@ -357,3 +357,20 @@ def test_a_suite_can_be_narrowed_to_some_settings_with_the_same_keys():
     assert [c.key() for c in narrowed] == [c.key() for c in expected] and len(narrowed) == 4
     with pytest.raises(ValueError, match=r"no setting\(s\) \['20w2s'\].*'5w1s'"):
         load_suite("omniglot-cpu", settings=["20w2s"])
+
+
+def test_a_suite_can_be_rerun_at_other_seeds_and_its_own_seed_keeps_its_key(capsys):
+    from bench.cli import main
+    from bench.suite import load_suite
+
+    shipped = load_suite("omniglot-cpu", ["protonet"], ["5w1s"])
+    seeded = load_suite("omniglot-cpu", ["protonet"], ["5w1s"], seeds=[0, 1, 2, 1])
+    assert [c.seed for c in seeded] == [0, 1, 2] and seeded[0].key() == shipped[0].key()
+    assert len({c.key() for c in seeded}) == 3
+    recipes = {RunConfig.semantic_hash(c.to_dict(), ignore=("seed",)) for c in seeded}
+    assert len(recipes) == 1  # one recipe: the leaderboard shows its spread over the three seeds
+    with pytest.raises(ValueError, match="non-negative integers"):
+        load_suite("omniglot-cpu", seeds=[-1])
+    with pytest.raises(SystemExit):
+        main(["suite", "omniglot-cpu", "--seeds", "a,b", "--dry-run"])
+    assert "give comma-separated non-negative integers" in capsys.readouterr().err
