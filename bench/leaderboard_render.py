@@ -21,8 +21,9 @@ INTRO = (
     "Each table holds the runs evaluated under one protocol and episode set (the fingerprint in its title), "
     "so all of them were tested on the identical fixed episodes. Score: mean over the test episodes ± 95% confidence interval (1.96 · sd / √n); "
     "accuracy in percent. *Paper*: the published number (citation key, see References) and our difference "
-    "in points. *p vs best*: {test} between this run and the table's best run; below 0.05 the gap is "
-    "significant. *Budget*: meta-training steps × episodes per step. *Training*: the suite that ran it, the "
+    "in points. *p vs best*: {test} between this run and the table's best run; below 0.05 the gap between these two trained models "
+    "is significant (a test over episodes: it does not cover a retraining from another seed, whose spread the "
+    "*Across training seeds* rows show where a recipe ran at several seeds). *Budget*: meta-training steps × episodes per step. *Training*: the suite that ran it, the "
     "training episode shape where it differs from the test one, and training-only data options. *Train time*: training wall-clock, "
     "validation excluded. Why our numbers differ from the papers' (budgets, protocol): [NOTES.md](NOTES.md)."
 ).format(test=TEST_NAME)

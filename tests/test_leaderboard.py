@@ -231,5 +231,5 @@ def test_one_recipe_at_several_seeds_gets_its_spread_over_seeds(tmp_path):
     readme = (out / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| maml | 3 |"))
     assert f"{groups[0].mean:.2f} ± {groups[0].std:.2f}" in row and f"0: {shown[0]:.2f}, 1: {shown[1]:.2f}" in row and "100 × 4" in row
-    assert readme.count("Across training seeds") == 1
+    assert readme.count("Across training seeds: the runs above") == 1
     assert (out / "leaderboard.html").read_text().count('<table class="sortable">') == 2
