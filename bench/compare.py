@@ -61,8 +61,9 @@ def tested(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("status") != "ok":
         raise CompareError(f"{name} has no test result (status {record.get('status')}: "
                            f"{record.get('error', 'no error recorded')}); rerun it first")
-    if not episode_scores(record):
-        raise CompareError(f"{name} has no per-episode test scores (a record older than the paired tests); "
+    if not episode_scores(record) or not record["test"].get("episodes_sha1"):
+        raise CompareError(f"{name} has no per-episode test scores or episode fingerprint (a record older than "
+                           "the paired tests); "
                            "rerun it to compare it episode by episode")
     return record
 
