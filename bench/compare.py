@@ -18,7 +18,7 @@ from scipy import stats
 
 from bench.leaderboard import protocol_key
 from bench.records import read_record, scan_records
-from bench.stats import TEST_NAME, compare_paired, episode_scores
+from bench.stats import TEST_NAME, compare_paired, episode_scores, paired_scores
 from bench.table import format_duration, format_score
 
 ALPHA = 0.05
@@ -103,10 +103,10 @@ def compare_records(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
                            "and test episodes)")
     scores_a, scores_b = episode_scores(a), episode_scores(b)
     paired = compare_paired(scores_a, scores_b)
-    common = sorted(set(scores_a) & set(scores_b))
-    differences = np.array([scores_a[i] - scores_b[i] for i in common])
-    spread = differences.std(ddof=1) / np.sqrt(len(common)) if len(common) > 1 else float("nan")
-    ci95 = float(stats.t.ppf(0.975, len(common) - 1) * spread) if len(common) > 1 else float("nan")
+    x, y = paired_scores(scores_a, scores_b)
+    differences = x - y
+    n = len(differences)
+    ci95 = float(stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
     return Comparison(a, b, paired.episodes, float(differences.mean()), ci95,
                       int((differences > 0).sum()), int((differences < 0).sum()), paired.p_value)
 

@@ -40,16 +40,20 @@ def episode_scores(record: dict[str, Any]) -> dict[int, float]:
     return scores_by_episode(test.get("episode_ids"), test.get("episode_scores"))
 
 
-def compare_paired(a: dict[int, float], b: dict[int, float]) -> PairedComparison:
-    """Compare two runs' per-episode scores on their common episode ids (see module docstring)."""
+def paired_scores(a: dict[int, float], b: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The two runs' scores on the episode ids they share, in id order."""
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError("the two runs share no test episode ids: they were not evaluated on the same episodes")
-    x = np.array([a[i] for i in common])
-    y = np.array([b[i] for i in common])
+    return np.array([a[i] for i in common]), np.array([b[i] for i in common])
+
+
+def compare_paired(a: dict[int, float], b: dict[int, float]) -> PairedComparison:
+    """Compare two runs' per-episode scores on their common episode ids (see module docstring)."""
+    x, y = paired_scores(a, b)
     differences = x - y
     if not np.any(differences != 0):
         p_value = 1.0  # identical on every episode: no evidence of any difference
     else:
         p_value = float(stats.wilcoxon(x, y, alternative="two-sided").pvalue)
-    return PairedComparison(len(common), float(x.mean()), float(y.mean()), p_value)
+    return PairedComparison(len(x), float(x.mean()), float(y.mean()), p_value)
