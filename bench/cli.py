@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     _leaderboard_parser(sub)
     _regress_parser(sub)
     _temperature_parser(sub)
-    compare = sub.add_parser("compare", help="two runs' test scores paired by episode: difference, 95% CI, p-value")
+    compare = sub.add_parser("compare", help="two runs' test scores paired by episode: difference, 95%% CI, p-value")
     compare.add_argument("a", help="run key, record name, unique part of it, or record file")
     compare.add_argument("b", help="the run to compare with (differences are a - b)")
     compare.add_argument("--records", type=Path, default=Path("leaderboard/records"))
