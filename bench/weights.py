@@ -4,7 +4,8 @@ A run with ``save_weights`` writes its embedding network (the task's :meth:`~tas
 to ``<results>/weights/<run name>.pt`` after training; a run with ``init_from: <run name>`` starts its own
 embedding network from that file. This is the two-stage recipe of Chen et al. 2021 ("Meta-Baseline: Exploring
 Simple Meta-Learning for Few-Shot Learning"): a classifier over all training classes first, then episodic
-(ProtoNet-style) training of the same backbone. The receiving run records the file's SHA-1.
+(ProtoNet-style) training of the same backbone; Triantafillou et al. 2020 ("Meta-Dataset") start fo-MAML from
+such a backbone too. The receiving run records the file's SHA-1.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import torch
 from tasks.base import EpisodicTask
 
 WEIGHTS_DIR = "weights"
+# BatchNorm buffers a pre-trained network has and a batch-statistics one (MAML's, track_running_stats=False)
+# lacks: they are dropped on loading, as that network never reads them.
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def weights_path(results: Path, run_name: str) -> Path:
@@ -55,6 +59,8 @@ def load_embedding(task: EpisodicTask, results: Path, run_name: str) -> dict[str
                          f"rerun {run_name!r} with --force to write it again") from error
     network = task.embedding_network()
     own = network.state_dict()
+    unused_statistics = sorted(name for name in set(state) - set(own) if name.rsplit(".", 1)[-1] in RUNNING_STATISTICS)
+    state = {name: tensor for name, tensor in state.items() if name not in unused_statistics}
     mismatched = sorted(set(own) ^ set(state)) + sorted(
         name for name in set(own) & set(state) if own[name].shape != state[name].shape)
     if mismatched:
@@ -63,4 +69,7 @@ def load_embedding(task: EpisodicTask, results: Path, run_name: str) -> dict[str
             f"run's {type(network).__name__} (differing parameters: {mismatched[:4]}...); use the same "
             f"backbone settings (hidden, image size, channels) in both runs")
     network.load_state_dict(state)
-    return {"from": run_name, "weights_sha1": hashlib.sha1(data).hexdigest()}
+    provenance = {"from": run_name, "weights_sha1": hashlib.sha1(data).hexdigest()}
+    if unused_statistics:
+        provenance["batchnorm_running_statistics"] = "dropped: this run normalises with batch statistics"
+    return provenance

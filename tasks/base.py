@@ -66,7 +66,7 @@ class EpisodicTask(pl.LightningModule):
         """The feature extractor one run can hand to another (``save_weights`` / ``init_from``, bench.weights)."""
         raise ValueError(f"{type(self).__name__} has no stand-alone embedding network to save or initialise "
                          "from another run; init_from/save_weights work with baseline, baselinepp, protonet, "
-                         "matching, relation and siamese")
+                         "matching, relation, siamese and the MAML family (maml, fomaml, metasgd, anil)")
 
     def training_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

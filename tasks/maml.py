@@ -69,6 +69,12 @@ class MAML(EpisodicTask):
         hp = self.hparams
         return learner_network(self.problem, hp.ways, hp.in_channels, hp.image_size, hp.hidden, hp.in_features)
 
+    def embedding_network(self) -> torch.nn.Module:
+        """The network under the adapted head (Conv-4, or the regression MLP's hidden layers): a run can start it
+        from a pre-trained classifier's backbone (``init_from``, bench.weights), as Triantafillou et al. 2020
+        ("Meta-Dataset") start fo-MAML; the head stays freshly initialised."""
+        return self.network.backbone
+
     # -- what MAML-family variants change ----------------------------------------------------
     def split_parameters(self) -> tuple[Params, Params]:
         """``(adapted, frozen)`` parameters of the inner loop: MAML adapts all of them."""

@@ -83,8 +83,28 @@ def test_weights_round_trip_between_algorithms_and_mismatches_are_named(tmp_path
     load_embedding(relation, tmp_path, "pre")
     assert all(torch.equal(relation.encoder.state_dict()[name], tensor)
                for name, tensor in baseline.backbone.state_dict().items())
-    with pytest.raises(ValueError, match="MAML has no stand-alone embedding network"):
-        save_embedding(algorithm_class("maml")(), tmp_path, "maml")
+    with pytest.raises(ValueError, match="Reptile has no stand-alone embedding network"):
+        save_embedding(algorithm_class("reptile")(), tmp_path, "reptile")
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "anil"])
+def test_the_maml_family_starts_from_a_pretrained_backbone_without_its_running_statistics(tmp_path, algorithm):
+    torch.manual_seed(0)
+    baseline = algorithm_class("baseline")(train_classes=10)
+    save_embedding(baseline, tmp_path, "pre")
+    learner = algorithm_class(algorithm)()
+    head = learner.network.head.weight.detach().clone()
+    provenance = load_embedding(learner, tmp_path, "pre")
+    pretrained = baseline.backbone.state_dict()
+    loaded = learner.embedding_network().state_dict()
+    assert loaded and all(torch.equal(tensor, pretrained[name]) for name, tensor in loaded.items())
+    assert not any(name.endswith("running_mean") for name in loaded)  # MAML's BatchNorm uses batch statistics
+    assert provenance["batchnorm_running_statistics"].startswith("dropped")
+    assert torch.equal(learner.network.head.weight, head)  # the head is not part of the backbone
+    # the other way, a batch-statistics backbone lacks what a running-statistics network needs: named, not guessed
+    save_embedding(learner, tmp_path, "meta")
+    with pytest.raises(ValueError, match="does not fit.*running_mean"):
+        load_embedding(algorithm_class("protonet")(), tmp_path, "meta")
 
 
 def test_a_run_starts_from_the_saved_weights_of_another_and_records_them(tmp_path: Path):
